@@ -1,0 +1,77 @@
+"""What a pipeline needs to know about a checkpoint, read from its JSON files only (no torch).
+
+A diffusers directory: ``model_index.json`` names the pipeline (and so the family) and, for Turbo
+checkpoints, ``sample_sigmas``; ``scheduler/scheduler_config.json`` the schedule; ``vae/config.json``
+the latent channels; ``tokenizer/`` (v1) or ``processor/`` (2.1) the tokenizer files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import prompt as prompt_mod
+from .checkpoint import read_json, resolve
+from .errors import IntegrityError
+from .family import Family, family_of_pipeline
+from .schedule import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    root: Path
+    family: Family
+    scheduler: SchedulerConfig
+    sample_sigmas: tuple[float, ...] | None
+    z_channels: int
+    template: prompt_mod.PromptTemplate
+    tokenizer_dir: Path
+    default_size: int
+
+    @property
+    def cfg_rescale(self) -> bool:
+        """v1's true CFG rescales the guided prediction to the conditional one's norm; 2.1 does not."""
+        return self.family.name == "qwen-image"
+
+    def component(self, name: str) -> Path:
+        folder = self.root / name
+        if not folder.is_dir():
+            raise IntegrityError(f"checkpoint {self.root} has no {name}/ folder")
+        return folder
+
+    @classmethod
+    def from_checkpoint(cls, model) -> ModelSpec:
+        root = resolve(model)
+        index = read_json(root / "model_index.json")
+        fam = family_of_pipeline(str(index.get("_class_name", "")))
+        sched = SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"))
+        vae = read_json(root / "vae" / "config.json")
+        tok_dir = next((root / d for d in ("tokenizer", "processor") if (root / d).is_dir()), None)
+        if tok_dir is None:
+            raise IntegrityError(f"checkpoint {root} has neither tokenizer/ nor processor/")
+        sample = index.get("sample_sigmas")
+        return cls(
+            root=root,
+            family=fam,
+            scheduler=sched,
+            sample_sigmas=tuple(float(s) for s in sample) if sample else None,
+            z_channels=int(vae["z_dim"]),
+            template=prompt_mod.template_for(fam.name, tok_dir),
+            tokenizer_dir=tok_dir,
+            default_size=_default_size(root),
+        )
+
+
+def _default_size(root: Path) -> int:
+    """Both pipelines default to 1024x1024; qwen-edge's own small checkpoints state theirs in qwen_edge.json
+    (a sidecar diffusers ignores)."""
+    extra = root / "qwen_edge.json"
+    return int(read_json(extra).get("default_size", 1024)) if extra.is_file() else 1024
+
+
+def default_model() -> Path:
+    """The embedded default checkpoint shipped inside the package."""
+    path = Path(__file__).parent / "assets" / "default"
+    if not (path / "model_index.json").is_file():
+        raise IntegrityError(f"the embedded default model is missing from {path}; reinstall qwen-edge")
+    return path
