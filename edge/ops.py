@@ -64,7 +64,7 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, flip_sin_to_c
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(exponent / (half - downscale_freq_shift))  # (half,)
-    args = (t.float() * scale)[:, None] * freqs[None]  # (B, half)
+    args = scale * (t.float()[:, None] * freqs[None])  # (B, half); diffusers' multiplication order, bit for bit
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, dim)
     if flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)

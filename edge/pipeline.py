@@ -121,9 +121,8 @@ class Pipeline:
         return noise
 
     def sigmas(self, req: Request, image_seq_len: int) -> np.ndarray:
-        custom = req.sigmas if req.sigmas is not None else self.spec.sample_sigmas
-        return schedule.sigmas(self.spec.scheduler, req.steps, image_seq_len, custom_sigmas=custom,
-                               family=self.spec.family.name)
+        return schedule.sigmas(self.spec.scheduler, req.steps, image_seq_len, custom_sigmas=req.sigmas,
+                               sample_sigmas=self.spec.sample_sigmas)
 
     def generate(self, req: Request) -> Iterator[Step]:
         """Yield a :class:`Step` after every sampler step; the last one carries the image."""
@@ -136,16 +135,23 @@ class Pipeline:
         x = lat.pack(fam.name, self.initial_noise(req, shape))  # (1, N, C*p*p)
         grid = (h // fam.patch, w // fam.patch)
         sigmas = self.sigmas(req, x.shape[1])
-        denoise = self.components.denoiser(cond, *grid)
-        negative = self.components.denoiser(neg, *grid) if guided else None
+        denoise = self._bind(cond, grid)
+        negative = self._bind(neg, grid) if guided else None
         total = len(sigmas) - 1
-        for i, x in sample(denoise, x, sigmas, negative=negative, cfg_scale=req.cfg_scale,
-                           rescale=self.spec.cfg_rescale):
-            if i + 1 < total:
-                yield Step(i, total, float(sigmas[i + 1]), x)
+        for st in sample(denoise, x, sigmas, negative=negative, cfg_scale=req.cfg_scale,
+                         rescale=self.spec.cfg_rescale if guided else None):
+            x = st.latents
+            if st.index + 1 < total:
+                yield Step(st.index, total, float(st.sigma_next), x)
         z = lat.unpack(fam.name, x, h, w)  # (1, C, h, w)
         image = self.components.decode(z)  # (1, 3|4, H, W) in [-1, 1]
         yield Step(total - 1, total, 0.0, x, to_uint8(image))
+
+
+    def _bind(self, text: np.ndarray, grid: tuple[int, int]) -> Denoiser:
+        model = self.components.denoiser(text, *grid)
+        # The pipelines hand the transformer timestep/1000 with timestep = sigma*1000 in float32.
+        return lambda x, sigma: model(x, schedule.model_timestep(sigma))
 
 
 def to_float_rgb(image: np.ndarray) -> np.ndarray:

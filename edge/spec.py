@@ -14,7 +14,7 @@ from . import prompt as prompt_mod
 from .checkpoint import read_json, resolve
 from .errors import IntegrityError
 from .family import Family, family_of_pipeline
-from .schedule import SchedulerConfig
+from .schedule import FAMILY_DEFAULTS, SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ModelSpec:
     @property
     def cfg_rescale(self) -> bool:
         """v1's true CFG rescales the guided prediction to the conditional one's norm; 2.1 does not."""
-        return self.family.name == "qwen-image"
+        return FAMILY_DEFAULTS[self.family.name].cfg_rescale
 
     def component(self, name: str) -> Path:
         folder = self.root / name
