@@ -33,10 +33,13 @@ def resolve(model: str | Path) -> Path:
     if path.exists():
         raise InputError(f"model path {path} is a file; give the checkpoint directory (with model_index.json)")
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+        import os
+
         from huggingface_hub import snapshot_download
 
-        try:
-            return Path(snapshot_download(str(model), local_files_only=True))
+        try:  # the cache folder is read at call time so HF_HUB_CACHE set by the caller is honoured
+            return Path(snapshot_download(str(model), local_files_only=True,
+                                          cache_dir=os.environ.get("HF_HUB_CACHE") or None))
         except Exception as e:  # huggingface_hub raises several types for "not in the cache"
             raise InputError(f"{model} is not in the local Hugging Face cache ({type(e).__name__}); "
                              "download it first or pass a directory") from None
