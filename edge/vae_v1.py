@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
 from .checkpoint import load_component, read_json
 from .errors import InputError
+from .vae_blocks import ChannelRMSNorm, Downsample, MidBlock, ResidualBlock, Upsample
 
 _MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
          0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -91,93 +91,13 @@ class VAEV1Config:
 QWEN_IMAGE_VAE = VAEV1Config()
 
 
-class _RMSNorm(nn.Module):
-    """Channel RMS norm as an L2 normalisation times sqrt(C): the reference's formulation, kept for parity."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.gamma = nn.Parameter(torch.ones(dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Half precision normalises in fp32, as the reference does (the sum of squares overflows fp16).
-        y = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-        return y * self.scale * self.gamma  # (B, C, H, W)
-
-
-class _ResidualBlock(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.norm1 = _RMSNorm(in_dim)
-        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
-        self.norm2 = _RMSNorm(out_dim)
-        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_shortcut(x)  # (B, Cout, H, W)
-        x = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, H, W)
-        x = self.conv2(F.silu(self.norm2(x)))  # (B, Cout, H, W)
-        return x + h
-
-
-class _AttentionBlock(nn.Module):
-    """Single-head self-attention over the H*W positions."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = _RMSNorm(dim)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3C)
-        q, k, v = qkv[:, None].chunk(3, dim=-1)  # (B, 1, HW, C) each
-        out = ops.attention(q, k, v)  # (B, HW, C)
-        out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        return self.proj(out) + x
-
-
-class _MidBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.resnets = nn.ModuleList([_ResidualBlock(dim, dim), _ResidualBlock(dim, dim)])
-        self.attentions = nn.ModuleList([_AttentionBlock(dim)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.resnets[0](x)  # (B, C, H, W)
-        return self.resnets[1](self.attentions[0](x))  # (B, C, H, W)
-
-
-class _Upsample2x(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        # "nearest" equals the reference's "nearest-exact" for an exact factor of 2 (source index
-        # floor(i/2) either way) and is the more widely exportable mode. fp32 as in the reference.
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype)  # (B, C, 2H, 2W)
-
-
-class _Resample(nn.Module):
-    """2x spatial up- or down-sampling; on a single frame the '3d' variants are these plus an unused time_conv."""
-
-    def __init__(self, dim: int, up: bool):
-        super().__init__()
-        if up:
-            self.resample = nn.Sequential(_Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
-        else:  # pad right/bottom only, then a stride-2 3x3: the reference's asymmetric downsampling
-            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.resample(x)
-
-
 class _UpBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample: bool):
         super().__init__()
         dims = [in_dim] + [out_dim] * num_res_blocks
-        self.resnets = nn.ModuleList(_ResidualBlock(d, out_dim) for d in dims)
+        self.resnets = nn.ModuleList(ResidualBlock(d, out_dim) for d in dims)
         if upsample:
-            self.upsamplers = nn.ModuleList([_Resample(out_dim, up=True)])
+            self.upsamplers = nn.ModuleList([Upsample(out_dim, out_dim // 2)])
         self.upsample = upsample
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,8 +112,8 @@ class _Encoder(nn.Module):
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
         self.conv_in = nn.Conv2d(cfg.input_channels, dims[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(_down_layers(cfg, dims))
-        self.mid_block = _MidBlock(dims[-1])
-        self.norm_out = _RMSNorm(dims[-1])
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = ChannelRMSNorm(dims[-1])
         # 2*z channels: mean and log-variance; the quant conv mixes both before the mean is taken.
         self.conv_out = nn.Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
@@ -209,9 +129,9 @@ def _down_layers(cfg: VAEV1Config, dims: list[int]) -> list[nn.Module]:
     """The encoder's flat list of residual blocks and downsamplers, indexed as in the reference."""
     layers = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-        layers += [_ResidualBlock(d, out_dim) for d in [in_dim] + [out_dim] * (cfg.num_res_blocks - 1)]
+        layers += [ResidualBlock(d, out_dim) for d in [in_dim] + [out_dim] * (cfg.num_res_blocks - 1)]
         if i != len(cfg.dim_mult) - 1:
-            layers.append(_Resample(out_dim, up=False))
+            layers.append(Downsample(out_dim))
     return layers
 
 
@@ -221,12 +141,12 @@ class _Decoder(nn.Module):
         mult = cfg.dim_mult
         dims = [cfg.base_dim * m for m in (mult[-1], *mult[::-1])]
         self.conv_in = nn.Conv2d(cfg.z_dim, dims[0], 3, padding=1)
-        self.mid_block = _MidBlock(dims[0])
+        self.mid_block = MidBlock(dims[0])
         # Every block but the first starts at half width: the upsampler before it halves the channels.
         self.up_blocks = nn.ModuleList(
             _UpBlock(d_in // 2 if i else d_in, d_out, cfg.num_res_blocks, upsample=i != len(mult) - 1)
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])))
-        self.norm_out = _RMSNorm(dims[-1])
+        self.norm_out = ChannelRMSNorm(dims[-1])
         self.conv_out = nn.Conv2d(dims[-1], cfg.input_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:

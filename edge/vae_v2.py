@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_component, read_json
 from .errors import InputError
-from .ops import attention
+from .vae_blocks import ChannelRMSNorm, Downsample, MidBlock, ResidualBlock, Upsample
 
 # Per-channel latent statistics of the released checkpoint (the reference config's defaults).
 _LATENTS_MEAN = (
@@ -145,94 +145,7 @@ QWEN_IMAGE_21_VAE = VAEV2Config(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Building blocks (parameter names follow diffusers so the key map is almost identity)
-
-
-class _RMSNorm(nn.Module):
-    """Channel RMS norm as Wan writes it: ``F.normalize`` over channels times sqrt(C), normalised in fp32."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.scale = dim**0.5
-        self.gamma = nn.Parameter(torch.ones(dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # F.normalize (x / max(||x||, 1e-12)) rather than ops.rms_norm, whose eps sits inside the root: same to
-        # the last bits only this way. fp32 because half precision overflows the squared sum.
-        y = F.normalize(x.float(), dim=1).to(x.dtype)  # (B, C, H, W)
-        return y * self.scale * self.gamma
-
-
-class _ResidualBlock(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.norm1 = _RMSNorm(in_dim)
-        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
-        self.norm2 = _RMSNorm(out_dim)
-        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_shortcut(x)  # (B, Co, H, W)
-        x = self.conv1(F.silu(self.norm1(x)))  # (B, Co, H, W)
-        x = self.conv2(F.silu(self.norm2(x)))  # (B, Co, H, W)
-        return x + h
-
-
-class _AttentionBlock(nn.Module):
-    """Single-head self-attention over all pixels of the image."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = _RMSNorm(dim)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        qkv = self.to_qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, 3C)
-        q, k, v = qkv.chunk(3, dim=-1)  # (B, 1, HW, C) each
-        out = attention(q, k, v).transpose(1, 2).reshape(x.shape)  # (B, C, H, W)
-        return x + self.proj(out)
-
-
-class _MidBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.attentions = nn.ModuleList([_AttentionBlock(dim)])
-        self.resnets = nn.ModuleList([_ResidualBlock(dim, dim), _ResidualBlock(dim, dim)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.resnets[0](x)  # (B, C, H, W)
-        return self.resnets[1](self.attentions[0](x))  # (B, C, H, W)
-
-
-class _Downsample(nn.Module):
-    """Stride-2 3x3 conv after padding right/bottom by one (``resample.1`` as in diffusers)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.resample(x)  # (B, C, H/2, W/2)
-
-
-class _Nearest2x(nn.Module):
-    # "nearest" equals the reference's "nearest-exact" at an integer factor, and is the mode every runtime has.
-    def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-
-
-class _Upsample(nn.Module):
-    """Nearest 2x then a 3x3 conv (``resample.1`` as in diffusers)."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.resample = nn.Sequential(_Nearest2x(), nn.Conv2d(dim, out_dim, 3, padding=1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.resample(x)  # (B, Co, 2H, 2W)
+# The 16x VAE's own blocks: residual pixel-(un)shuffle shortcuts (shared blocks are in vae_blocks.py)
 
 
 def _avg_down(x: Tensor, out_dim: int, factor_t: int, factor_s: int) -> Tensor:
@@ -271,8 +184,8 @@ class _DownBlock(nn.Module):
         super().__init__()
         in_dim, out_dim, factor_t, down = stage
         dims = [in_dim] + [out_dim] * num_res_blocks
-        self.resnets = nn.ModuleList([_ResidualBlock(a, b) for a, b in zip(dims[:-1], dims[1:])])
-        self.downsampler = _Downsample(out_dim) if down else None
+        self.resnets = nn.ModuleList([ResidualBlock(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        self.downsampler = Downsample(out_dim) if down else None
         self.shortcut = (out_dim, factor_t, 2 if down else 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -291,8 +204,8 @@ class _UpBlock(nn.Module):
         super().__init__()
         in_dim, out_dim, factor_t, up = stage
         dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
-        self.resnets = nn.ModuleList([_ResidualBlock(a, b) for a, b in zip(dims[:-1], dims[1:])])
-        self.upsampler = _Upsample(out_dim, out_dim) if up else None
+        self.resnets = nn.ModuleList([ResidualBlock(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        self.upsampler = Upsample(out_dim, out_dim) if up else None
         self.shortcut = (out_dim, factor_t, 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -313,8 +226,8 @@ class _Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_dim, 3, padding=1)
         self.down_blocks = nn.ModuleList([_DownBlock(s, cfg.num_res_blocks) for s in stages])
         dim = stages[-1][1]
-        self.mid_block = _MidBlock(dim)
-        self.norm_out = _RMSNorm(dim)
+        self.mid_block = MidBlock(dim)
+        self.norm_out = ChannelRMSNorm(dim)
         self.conv_out = nn.Conv2d(dim, cfg.z_dim * 2, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -332,10 +245,10 @@ class _Decoder(nn.Module):
         super().__init__()
         stages = cfg.decoder_stages()
         self.conv_in = nn.Conv2d(cfg.z_dim, stages[0][0], 3, padding=1)
-        self.mid_block = _MidBlock(stages[0][0])
+        self.mid_block = MidBlock(stages[0][0])
         self.up_blocks = nn.ModuleList([_UpBlock(s, cfg.num_res_blocks) for s in stages])
         dim = stages[-1][1]
-        self.norm_out = _RMSNorm(dim)
+        self.norm_out = ChannelRMSNorm(dim)
         self.conv_out = nn.Conv2d(dim, cfg.out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
