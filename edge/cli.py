@@ -35,7 +35,12 @@ def _generate_args(sub) -> None:
     p = sub.add_parser("generate", help="generate an image from a prompt")
     p.add_argument("prompt")
     p.add_argument("--model", help="checkpoint directory or cached Hugging Face repo id (default: the embedded model)")
-    p.add_argument("--runtime", default="torch", choices=["torch"], help="who computes the components")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="who computes the components")
+    p.add_argument("--bundle", type=Path, help="an exported bundle (qwen-edge export) to run with --runtime onnx")
+    p.add_argument("--device", choices=["cpu", "npu"], help="onnx runtime: cpu (default) or npu (QNN HTP, no "
+                   "CPU fallback)")
+    p.add_argument("--low-memory", action="store_true", help="onnx runtime: one component in memory at a time")
+    p.add_argument("--no-verify", action="store_true", help="skip the bundle's sha256 checks (trusted storage only)")
     p.add_argument("--steps", type=int, default=4, help="sampler steps (default 4); ignored with --sigmas")
     p.add_argument("--sigmas", type=_floats, help="custom sigma grid, comma-separated, without the final 0")
     p.add_argument("--seed", type=int, default=0)
@@ -46,7 +51,11 @@ def _generate_args(sub) -> None:
     p.add_argument("--cfg", type=float, default=1.0, help="true CFG scale; > 1 with --negative-prompt turns it on")
     p.add_argument("--lora", type=Path, help="LoRA safetensors merged into the transformer at load")
     p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help="refuse larger height*width before allocating anything (default 4096x4096)")
     p.add_argument("--output", "-o", type=Path, default=Path("out.png"))
+    p.add_argument("--expand", action="store_true", help="expand the prompt first (qwen-edge expand) and print it")
+    _expander_options(p)
     p.set_defaults(run=_generate)
 
 
@@ -54,17 +63,24 @@ def _generate(args) -> int:
     import numpy as np
 
     from .image import save_png
-    from .pipeline import Pipeline, Request
+    from .pipeline import MAX_STEPS, Pipeline, Request, check_size
 
-    if args.steps < 1:
-        raise UsageError("--steps must be at least 1")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise UsageError(f"--steps must be between 1 and {MAX_STEPS}")
     if args.lora is None and args.lora_scale != 1.0:
         raise UsageError("--lora-scale needs --lora")
     _check_output(args.output)
+    check_size(args.height or 1, args.width or 1, args.max_pixels)
     noise = _load_noise(args.noise) if args.noise else None
-    pipe = Pipeline.from_pretrained(args.model, lora=args.lora, lora_scale=args.lora_scale)
-    req = Request(prompt=args.prompt, height=args.height or pipe.spec.default_size,
-                  width=args.width or pipe.spec.default_size, steps=args.steps, sigmas=args.sigmas,
+    expander = _expander(args) if args.expand else _no_expander(args)
+    pipe = _pipeline(args, Pipeline)
+    _note_words_not_understood(pipe, args.prompt)
+    prompt = _expand_prompt(expander, args.prompt, args.seed, pipe.tokenizer, pipe.spec.template) if expander \
+        else args.prompt
+    pipe.max_pixels = args.max_pixels
+    height, width = pipe.spec.fixed_size or (pipe.spec.default_size, pipe.spec.default_size)
+    req = Request(prompt=prompt, height=args.height or height,
+                  width=args.width or width, steps=args.steps, sigmas=args.sigmas,
                   seed=args.seed, noise=noise, negative_prompt=args.negative_prompt, cfg_scale=args.cfg)
     image = None
     for step in _progress(pipe.generate(req), total=len(args.sigmas) if args.sigmas else args.steps):
@@ -74,6 +90,76 @@ def _generate(args) -> int:
     save_png(np.asarray(image), args.output)
     print(args.output)
     return 0
+
+
+def _note_words_not_understood(pipe, prompt: str) -> None:
+    """The embedded default only knows its procedural world (qwen_edge.world): name the words it ignores."""
+    from .spec import default_model
+
+    try:
+        is_default = Path(pipe.spec.root).resolve() == default_model().resolve()
+    except QwenEdgeError:  # no embedded model installed: nothing to compare with
+        return
+    if is_default and prompt.strip():
+        from .world import parse_prompt
+
+        unknown = parse_prompt(prompt).unknown
+        if unknown:
+            print(f"qwen-edge: note: words not understood: {' '.join(unknown)}", file=sys.stderr)
+
+
+def _pipeline(args, pipeline_cls):
+    """The torch runtime on a checkpoint, or the onnx runtime on a bundle."""
+    if args.runtime != "onnx":
+        if args.bundle or args.device or args.low_memory or args.no_verify:
+            raise UsageError("--bundle, --device, --low-memory and --no-verify need --runtime onnx")
+        return pipeline_cls.from_pretrained(args.model, lora=args.lora, lora_scale=args.lora_scale)
+    if args.bundle is None:
+        raise UsageError("--runtime onnx needs --bundle (make one with qwen-edge export)")
+    if args.model or args.lora:
+        raise UsageError("--model and --lora do not apply to a bundle: export the checkpoint (with its LoRA) instead")
+    from qwen_edge.runtimes.onnx import pipeline
+
+    return pipeline(args.bundle, device=args.device or "cpu", low_memory=args.low_memory, verify=not args.no_verify)
+
+
+def _export_args(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to a bundle of per-component models")
+    p.add_argument("--model", help="checkpoint directory or cached Hugging Face repo id (default: the embedded model)")
+    p.add_argument("--target", default="onnx", help="onnx (default) or qnn")
+    p.add_argument("--quant", help="fp32 (default for onnx), fp16, int8, int4, w8a16 (default for qnn), mixed")
+    p.add_argument("--height", type=int, help="static image height (default: the model's default size)")
+    p.add_argument("--width", type=int, help="static image width (default: the model's default size)")
+    p.add_argument("--text-len", type=int, default=256, help="prompt tokens after the template (default 256)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps the bundle's schedule is recorded for")
+    p.add_argument("--components", default="text_encoder,transformer,vae_decoder",
+                   help="comma-separated: text_encoder,transformer,vae_decoder,vae_encoder")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line: the torch sample run that drives "
+                   "the parity gates and calibration (default: one built-in prompt)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced atomically)")
+    p.set_defaults(run=_export)
+
+
+def _export(args) -> int:
+    from qwen_edge.export.onnx import export_bundle
+
+    components = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    extra = {"prompts": _read_prompts(args.prompts)} if args.prompts else {}
+    export_bundle(args.out, args.model, target=args.target, quant=args.quant, height=args.height,
+                  width=args.width, text_len=args.text_len, steps=args.steps, components=components,
+                  log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr), **extra)
+    print(args.out)
+    return 0
+
+
+def _read_prompts(path: Path) -> tuple[str, ...]:
+    try:
+        prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--prompts file {path} cannot be read ({e})") from None
+    if not prompts:
+        raise InputError(f"--prompts file {path} holds no prompt")
+    return prompts
 
 
 def _progress(steps, total: int):
@@ -100,11 +186,82 @@ def _load_noise(path: Path):
         raise InputError(f"--noise file {path} is not a readable .npy array ({e})") from None
 
 
+def _expand_args(sub) -> None:
+    p = sub.add_parser("expand", help="expand a terse prompt into the detailed description a model expects")
+    p.add_argument("prompt")
+    p.add_argument("--seed", type=int, default=0, help="chooses what the prompt leaves open (and LLM sampling)")
+    p.add_argument("--model", help="fit the expansion to this checkpoint's text encoder (default: the embedded model)")
+    _expander_options(p)
+    p.set_defaults(run=_expand)
+
+
+def _expander_options(p) -> None:
+    p.add_argument("--expander", choices=["template", "llm"], help="template (default: rules, no model) or llm")
+    p.add_argument("--llm", type=Path, help="folder of a causal LM exported to ONNX with a KV cache (--expander llm)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="bound on the LLM's rewrite (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="LLM sampling temperature (default 0: greedy)")
+
+
+def _expander(args):
+    from .expand import check_prompt, expander
+
+    check_prompt(args.prompt)  # before any model is loaded
+    if args.seed < 0:
+        raise UsageError("--seed must be non-negative")
+    name = args.expander or ("llm" if args.llm else "template")
+    if name == "llm" and args.llm is None:
+        raise UsageError("--expander llm needs --llm DIR (a causal LM exported to ONNX with a KV cache)")
+    if name == "template" and args.llm is not None:
+        raise UsageError("--llm is only used with --expander llm")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    return expander(name, llm=args.llm, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def _no_expander(args) -> None:
+    if args.expander or args.llm or args.max_new_tokens != 256 or args.temperature != 0.0:
+        raise UsageError("--expander, --llm, --max-new-tokens and --temperature need --expand")
+    return None
+
+
+def _expand_prompt(expander, prompt: str, seed: int, tokenizer, template, echo: bool = True) -> str:
+    """Expand, fit to the text encoder when one is known, and print the notes (and the result) on stderr."""
+    from .expand import fit_to_encoder
+
+    expansion = expander(prompt, seed=seed)
+    if tokenizer is not None:
+        expansion = fit_to_encoder(expansion, tokenizer, template)
+    for note in ([f"expanded prompt: {expansion.text}"] if echo else []) + list(expansion.notes):
+        print(f"qwen-edge: note: {note}", file=sys.stderr)
+    return expansion.text
+
+
+def _expand(args) -> int:
+    from . import prompt as prompt_mod
+    from .errors import IntegrityError
+    from .spec import ModelSpec, default_model
+
+    expander = _expander(args)
+    tokenizer = template = None
+    try:
+        spec = ModelSpec.from_checkpoint(args.model if args.model is not None else default_model())
+        tokenizer, template = prompt_mod.load_tokenizer(spec.tokenizer_dir), spec.template
+    except IntegrityError:
+        if args.model is not None:
+            raise
+        print("qwen-edge: note: the embedded default model is not installed: not fitted to a text encoder "
+              "(pass --model)", file=sys.stderr)
+    print(_expand_prompt(expander, args.prompt, args.seed, tokenizer, template, echo=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qwen-edge", description="Qwen-Image text-to-image on edge devices.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _generate_args(sub)
+    _export_args(sub)
+    _expand_args(sub)
     return parser
 
 

@@ -67,6 +67,9 @@ class Pipeline:
     >>> image = pipe("a red circle above a blue square", height=128, width=128)
     """
 
+    #: Largest image (height * width) a request may ask for; checked before anything is allocated.
+    max_pixels: int = 4096 * 4096
+
     def __init__(self, spec: ModelSpec, components: Components):
         self.spec = spec
         self.components = components
@@ -89,8 +92,9 @@ class Pipeline:
         return last.image
 
     def _size_defaults(self, kwargs: dict) -> dict:
-        kwargs.setdefault("height", self.spec.default_size)
-        kwargs.setdefault("width", self.spec.default_size)
+        height, width = self.spec.fixed_size or (self.spec.default_size, self.spec.default_size)
+        kwargs.setdefault("height", height)
+        kwargs.setdefault("width", width)
         return kwargs
 
     # -- the four moves -------------------------------------------------------------------------------
@@ -127,6 +131,10 @@ class Pipeline:
     def generate(self, req: Request) -> Iterator[Step]:
         """Yield a :class:`Step` after every sampler step; the last one carries the image."""
         fam = self.spec.family
+        if self.spec.fixed_size not in (None, (req.height, req.width)):  # a bundle's graphs have static shapes
+            h, w = self.spec.fixed_size
+            raise InputError(f"this bundle was exported for {h}x{w} (height x width), not {req.height}x{req.width}; "
+                             "re-export it at that size")
         shape = lat.latent_shape(fam.name, req.height, req.width, self.spec.z_channels)  # (1, C, h, w)
         h, w = shape[2], shape[3]
         cond = self.encode(req.prompt)
@@ -152,6 +160,23 @@ class Pipeline:
         model = self.components.denoiser(text, *grid)
         # The pipelines hand the transformer timestep/1000 with timestep = sigma*1000 in float32.
         return lambda x, sigma: model(x, schedule.model_timestep(sigma))
+
+
+def check_size(height: int, width: int, max_pixels: int) -> None:
+    """Refuse absurd sizes before anything is allocated (the family's grid rules come later)."""
+    if height < 1 or width < 1:
+        raise InputError(f"height and width must be positive, got {height}x{width}")
+    if height * width > max_pixels:
+        raise InputError(f"{height}x{width} is larger than the limit of {max_pixels} pixels "
+                         "(Pipeline.max_pixels / --max-pixels)")
+
+
+MAX_STEPS = 1000  # the schedulers' num_train_timesteps: more steps than that is a typo, not a request
+
+
+def check_steps(steps: int) -> None:
+    if not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
 
 
 def to_float_rgb(image: np.ndarray) -> np.ndarray:
