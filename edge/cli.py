@@ -35,7 +35,8 @@ def _generate_args(sub) -> None:
     p = sub.add_parser("generate", help="generate an image from a prompt")
     p.add_argument("prompt")
     p.add_argument("--model", help="checkpoint directory or cached Hugging Face repo id (default: the embedded model)")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="who computes the components")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "coreml"],
+                   help="who computes the components (coreml: Core ML on macOS, the MIL interpreter elsewhere)")
     p.add_argument("--bundle", type=Path, help="an exported bundle (qwen-edge export) to run with --runtime onnx")
     p.add_argument("--device", choices=["cpu", "npu"], help="onnx runtime: cpu (default) or npu (QNN HTP, no "
                    "CPU fallback)")
@@ -74,9 +75,9 @@ def _generate(args) -> int:
     noise = _load_noise(args.noise) if args.noise else None
     expander = _expander(args) if args.expand else _no_expander(args)
     pipe = _pipeline(args, Pipeline)
-    _note_words_not_understood(pipe, args.prompt)
     prompt = _expand_prompt(expander, args.prompt, args.seed, pipe.tokenizer, pipe.spec.template) if expander \
         else args.prompt
+    _note_words_not_understood(pipe, prompt)  # the words the model will see, after any expansion
     pipe.max_pixels = args.max_pixels
     height, width = pipe.spec.fixed_size or (pipe.spec.default_size, pipe.spec.default_size)
     req = Request(prompt=prompt, height=args.height or height,
@@ -110,6 +111,8 @@ def _note_words_not_understood(pipe, prompt: str) -> None:
 
 def _pipeline(args, pipeline_cls):
     """The torch runtime on a checkpoint, or the onnx runtime on a bundle."""
+    if args.runtime == "coreml":
+        return _coreml_pipeline(args)
     if args.runtime != "onnx":
         if args.bundle or args.device or args.low_memory or args.no_verify:
             raise UsageError("--bundle, --device, --low-memory and --no-verify need --runtime onnx")
@@ -123,11 +126,25 @@ def _pipeline(args, pipeline_cls):
     return pipeline(args.bundle, device=args.device or "cpu", low_memory=args.low_memory, verify=not args.no_verify)
 
 
+def _coreml_pipeline(args):
+    """A Core ML bundle: Core ML itself on macOS, qwen-edge's MIL interpreter elsewhere (it says which)."""
+    if args.bundle is None:
+        raise UsageError("--runtime coreml needs --bundle (make one with qwen-edge export --target coreml)")
+    if args.model or args.lora or args.device or args.low_memory:
+        raise UsageError("--model, --lora, --device and --low-memory do not apply to --runtime coreml")
+    from qwen_edge.runtimes.coreml import pipeline
+
+    pipe = pipeline(args.bundle, verify=not args.no_verify)
+    print(f"qwen-edge: running on {pipe.components.backend_name}", file=sys.stderr)
+    return pipe
+
+
 def _export_args(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to a bundle of per-component models")
     p.add_argument("--model", help="checkpoint directory or cached Hugging Face repo id (default: the embedded model)")
-    p.add_argument("--target", default="onnx", help="onnx (default) or qnn")
-    p.add_argument("--quant", help="fp32 (default for onnx), fp16, int8, int4, w8a16 (default for qnn), mixed")
+    p.add_argument("--target", default="onnx", help="onnx (default), qnn or coreml")
+    p.add_argument("--quant", help="fp32 (default for onnx), fp16, int8, int4, w8a16 (default for qnn), mixed; "
+                   "coreml: fp16 (default), int8, int4 (needs --ios18), palette4, palette6, palette8, mixed")
     p.add_argument("--height", type=int, help="static image height (default: the model's default size)")
     p.add_argument("--width", type=int, help="static image width (default: the model's default size)")
     p.add_argument("--text-len", type=int, default=256, help="prompt tokens after the template (default 256)")
@@ -137,17 +154,42 @@ def _export_args(sub) -> None:
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line: the torch sample run that drives "
                    "the parity gates and calibration (default: one built-in prompt)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced atomically)")
+    p.add_argument("--sizes", help="coreml: more HEIGHTxWIDTH sizes the packages accept (enumerated shapes), "
+                   "e.g. 512x512,768x512")
+    p.add_argument("--ios18", action="store_true", help="coreml: minimum deployment iOS 18 / macOS 15 "
+                   "(per-block 4-bit; default iOS 17 / macOS 14)")
+    p.add_argument("--chunk-limit", help="coreml: split a component whose package would exceed this size at block "
+                   "boundaries (default 1GB)")
     p.set_defaults(run=_export)
 
 
 def _export(args) -> int:
-    from qwen_edge.export.onnx import export_bundle
-
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     extra = {"prompts": _read_prompts(args.prompts)} if args.prompts else {}
+    if args.target == "coreml":
+        return _export_coreml(args, components, extra)
+    if args.sizes or args.ios18 or args.chunk_limit:
+        raise UsageError("--sizes, --ios18 and --chunk-limit apply to --target coreml only")
+    from qwen_edge.export.onnx import export_bundle
+
     export_bundle(args.out, args.model, target=args.target, quant=args.quant, height=args.height,
                   width=args.width, text_len=args.text_len, steps=args.steps, components=components,
                   log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr), **extra)
+    print(args.out)
+    return 0
+
+
+def _export_coreml(args, components: tuple[str, ...], extra: dict) -> int:
+    from qwen_edge.export import coreml
+    from qwen_edge.spec import ModelSpec, default_model
+
+    family = ModelSpec.from_checkpoint(args.model if args.model is not None else default_model()).family.name
+    sizes = coreml.parse_sizes(args.sizes, family) if args.sizes else ()
+    limit = coreml.parse_size(args.chunk_limit) if args.chunk_limit else coreml.DEFAULT_CHUNK_LIMIT
+    height, width = args.height or (sizes[0][0] if sizes else None), args.width or (sizes[0][1] if sizes else None)
+    coreml.export_coreml(args.out, args.model, quant=args.quant or "fp16", height=height, width=width, sizes=sizes,
+                         text_len=args.text_len, steps=args.steps, components=components, ios18=args.ios18,
+                         chunk_limit=limit, log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr), **extra)
     print(args.out)
     return 0
 
@@ -219,9 +261,9 @@ def _expander(args):
 
 
 def _no_expander(args) -> None:
+    """Without --expand, the expansion options are a mistake worth saying so."""
     if args.expander or args.llm or args.max_new_tokens != 256 or args.temperature != 0.0:
         raise UsageError("--expander, --llm, --max-new-tokens and --temperature need --expand")
-    return None
 
 
 def _expand_prompt(expander, prompt: str, seed: int, tokenizer, template, echo: bool = True) -> str:

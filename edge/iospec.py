@@ -157,6 +157,92 @@ def components(d: Dims) -> dict[str, IOSpec]:
     return {s.component: s for s in specs}
 
 
+# -- chunks: a component split at block boundaries, and tensor rank limits ---------------------------------
+# A runtime with a package size limit (Core ML) runs a big component as consecutive chunks of its blocks.
+# Between chunks flows the ``carry``: the hidden state and whatever the blocks read that the component's
+# own inputs do not give (modulation, time embedding). Declared here like every other tensor name.
+
+_STEM_INPUTS = {"text_encoder": ("input_ids",), "text_kv": ("text",), "transformer": ("latents", "sigma", "text")}
+
+
+def carry(d: Dims, component: str) -> tuple[TensorSpec, ...]:
+    """The tensors one chunk of ``component`` hands to the next."""
+    dim = d.heads * d.head_dim
+    if component == "text_encoder":
+        return (TensorSpec("hidden", (1, d.drop + d.text_len, d.text_hidden)),)
+    if component == "text_kv":  # text rows only; modulation is the shared t = 0 row
+        return (TensorSpec("hidden", (1, d.text_len, dim)), TensorSpec("modulation", (1, 1, 4 * dim)))
+    if component == "transformer" and d.family == "qwen-image-2.1":
+        return (TensorSpec("hidden", (1, d.tokens, dim)), TensorSpec("modulation", (1, 1, 4 * dim)),
+                TensorSpec("temb", (1, dim)))
+    if component == "transformer":  # v1: both streams; each block derives its modulation from temb
+        return (TensorSpec("hidden", (1, d.tokens, dim)), TensorSpec("text_hidden", (1, d.text_len, dim)),
+                TensorSpec("temb", (1, dim)))
+    raise InputError(f"{component} cannot be split into chunks: it has no stack of blocks")
+
+
+def chunk(d: Dims, component: str, start: int, stop: int, blocks: int) -> IOSpec:
+    """Blocks ``[start, stop)`` of ``component`` (which has ``blocks`` blocks) as one graph.
+
+    The first chunk takes the component's inputs, later ones the carry in place of the stem's inputs; the last
+    chunk returns the component's outputs, the others the carry. A ``text_kv`` chunk returns the keys/values
+    of its own layers, ``(stop - start, 2, 1, heads, text_len, head_dim)``; concatenated they are ``text_kv``.
+    """
+    if not 0 <= start < stop <= blocks:
+        raise InputError(f"chunk [{start}, {stop}) is not inside {component}'s {blocks} blocks")
+    full, state = components(d)[component], carry(d, component)
+    ins = full.inputs if start == 0 else state + tuple(
+        t for t in full.inputs if t.name not in _STEM_INPUTS[component])
+    outs = full.outputs if stop == blocks else state
+    if component == "text_kv":
+        kv = full.outputs[0]
+        outs = (TensorSpec(kv.name, (stop - start, *kv.shape[1:])),) + (() if stop == blocks else state)
+    return IOSpec(component, ins, outs)
+
+
+# What each tensor name means, for model files that carry descriptions (Core ML shows them in Xcode).
+_MEANING = {
+    "input_ids": "token ids of the prompt template, right-padded to drop + text_len",
+    "hidden_states": "text encoder hidden states of every token (the first `drop` belong to the template)",
+    "text": "prompt hidden states after the template drop, right-padded to text_len",
+    "rope_cos": "rotary cosine table, one row per token (qwen_edge.rope)",
+    "rope_sin": "rotary sine table, one row per token (qwen_edge.rope)",
+    "img_cos": "rotary cosine table of the image tokens (qwen_edge.rope_v1)",
+    "img_sin": "rotary sine table of the image tokens (qwen_edge.rope_v1)",
+    "txt_cos": "rotary cosine table of the text tokens (qwen_edge.rope_v1)",
+    "txt_sin": "rotary sine table of the text tokens (qwen_edge.rope_v1)",
+    "text_bias": "additive attention bias: 0 where a key is visible, -65504 for text padding",
+    "image_bias": "additive attention bias of the image queries over [text, image] keys",
+    "text_kv": "per-layer text keys and values, computed once per prompt",
+    "latents": "latents: packed tokens (transformer) or the unpacked (1, C, h, w) grid (VAE)",
+    "sigma": "noise level in [0, 1] of this sampler step (timestep / 1000)",
+    "velocity": "flow-matching velocity of the image tokens",
+    "image": "image (1, C, H, W) in about [-1, 1]",
+    "hidden": "chunk carry: hidden states after this chunk's blocks",
+    "text_hidden": "chunk carry: text-stream hidden states after this chunk's blocks",
+    "modulation": "chunk carry: the shared AdaLN modulation rows",
+    "temb": "chunk carry: the time embedding",
+}
+
+
+def describe(name: str) -> str:
+    """One line saying what tensor ``name`` holds (empty for names without a description)."""
+    return _MEANING.get(name, "")
+
+
+def fold_rank(spec: IOSpec, max_rank: int) -> IOSpec:
+    """``spec`` with every tensor of more than ``max_rank`` dims reshaped by merging its leading axes (Core ML
+    stops at rank 5; 2.1's text_kv is rank 6). Same bytes in the same order: a plain reshape either way."""
+
+    def fold(t: TensorSpec) -> TensorSpec:
+        shape = t.shape
+        while len(shape) > max_rank:
+            shape = (shape[0] * shape[1], *shape[2:])
+        return TensorSpec(t.name, shape, t.dtype)
+
+    return IOSpec(spec.component, tuple(map(fold, spec.inputs)), tuple(map(fold, spec.outputs)))
+
+
 # -- Dims from a checkpoint's JSON or back from a manifest ------------------------------------------------
 
 # Shape keys per family in the component config.json files, with the released models' values as fallbacks
@@ -219,3 +305,59 @@ def _read_json(path) -> dict:
     if not isinstance(data, dict):
         raise IntegrityError(f"{path} must hold a JSON object")
     return data
+
+
+# -- the prompt expander's causal LM: optimum's decoder-with-KV-cache layout -----------------------------
+# Lengths vary (the whole prompt first, then one token per step), so this graph is described by names and
+# dynamic axes rather than static TensorSpecs. The names are optimum's ``text-generation-with-past`` layout,
+# so a model exported by optimum on another machine runs unchanged (qwen_edge.expand reads and writes it).
+
+EXPANDER_LM = "expander_lm"  # the component's name in a bundle
+
+
+@dataclass(frozen=True)
+class CausalLMIO:
+    """Inputs ``input_ids``, ``attention_mask``, ``position_ids`` (optional in optimum's exports) and
+    ``past_key_values.{i}.key/value`` (1, kv_heads, past, head_dim); outputs ``logits`` (1, seq, vocab)
+    and ``present.{i}.key/value`` (1, kv_heads, past + seq, head_dim)."""
+
+    layers: int
+
+    input_ids = "input_ids"
+    attention_mask = "attention_mask"
+    position_ids = "position_ids"
+    logits = "logits"
+
+    def past(self, i: int, kind: str) -> str:
+        return f"past_key_values.{i}.{kind}"
+
+    def present(self, i: int, kind: str) -> str:
+        return f"present.{i}.{kind}"
+
+    @property
+    def past_names(self) -> list[str]:
+        return [self.past(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [self.present(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [self.input_ids, self.attention_mask, self.position_ids, *self.past_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.logits, *self.present_names]
+
+    @classmethod
+    def from_input_names(cls, names) -> CausalLMIO:
+        """The layout of a graph with these input names; IntegrityError unless it is a decoder with a cache."""
+        names = set(names)
+        layers = 0
+        while cls(layers + 1).past(layers, "key") in names and cls(layers + 1).past(layers, "value") in names:
+            layers += 1
+        if not layers or cls.input_ids not in names or cls.attention_mask not in names:
+            raise IntegrityError("not a causal LM with a KV cache: expected inputs input_ids, attention_mask and "
+                                 "past_key_values.{i}.key/value (optimum's text-generation-with-past layout)")
+        return cls(layers)

@@ -1,8 +1,9 @@
-"""What a pipeline needs to know about a checkpoint, read from its JSON files only (no torch).
+"""What a pipeline needs to know about a checkpoint (or a bundle), read from its JSON files only (no torch).
 
 A diffusers directory: ``model_index.json`` names the pipeline (and so the family) and, for Turbo
 checkpoints, ``sample_sigmas``; ``scheduler/scheduler_config.json`` the schedule; ``vae/config.json``
-the latent channels; ``tokenizer/`` (v1) or ``processor/`` (2.1) the tokenizer files.
+the latent channels; ``tokenizer/`` (v1) or ``processor/`` (2.1) the tokenizer files. A bundle's
+``manifest.json`` records the same facts (:meth:`ModelSpec.from_bundle`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import prompt as prompt_mod
-from .checkpoint import read_json, resolve
 from .errors import IntegrityError
 from .family import Family, family_of_pipeline
 from .schedule import FAMILY_DEFAULTS, SchedulerConfig
@@ -27,6 +27,7 @@ class ModelSpec:
     template: prompt_mod.PromptTemplate
     tokenizer_dir: Path
     default_size: int
+    fixed_size: tuple[int, int] | None = None  # (height, width) a bundle's static graphs were exported for
 
     @property
     def cfg_rescale(self) -> bool:
@@ -41,6 +42,8 @@ class ModelSpec:
 
     @classmethod
     def from_checkpoint(cls, model) -> ModelSpec:
+        from .checkpoint import read_json, resolve  # imports torch: only checkpoints need it, bundles do not
+
         root = resolve(model)
         index = read_json(root / "model_index.json")
         fam = family_of_pipeline(str(index.get("_class_name", "")))
@@ -62,9 +65,32 @@ class ModelSpec:
         )
 
 
+    @classmethod
+    def from_bundle(cls, manifest, root) -> ModelSpec:
+        """The spec of an exported bundle (a :class:`qwen_edge.bundle.Manifest` and its directory): the same
+        schedule, template and tokenizer as the checkpoint it came from, at the bundle's static size."""
+        from .family import family
+
+        m, root = manifest, Path(root)
+        tok = m.tokenizer
+        return cls(
+            root=root,
+            family=family(m.family),
+            scheduler=SchedulerConfig.from_diffusers(dict(m.sampler.scheduler)),
+            sample_sigmas=m.sampler.sample_sigmas,
+            z_channels=m.dims.z_channels,
+            template=prompt_mod.PromptTemplate(m.family, tok.template, tok.drop, tok.max_length),
+            tokenizer_dir=(root / tok.file).parent,
+            default_size=m.height,
+            fixed_size=(m.height, m.width),
+        )
+
+
 def _default_size(root: Path) -> int:
     """Both pipelines default to 1024x1024; qwen-edge's own small checkpoints state theirs in qwen_edge.json
     (a sidecar diffusers ignores)."""
+    from .checkpoint import read_json
+
     extra = root / "qwen_edge.json"
     return int(read_json(extra).get("default_size", 1024)) if extra.is_file() else 1024
 

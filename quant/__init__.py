@@ -1,0 +1,99 @@
+"""Quantization of exported components: ``quantize(component, src, dst, recipe, calibration)``.
+
+The ONNX exporter writes each component in fp32 and then calls :func:`quantize`; the returned facts go
+into the bundle manifest. Recipes (see :mod:`qwen_edge.quant.recipes`) are ONNX Runtime's own tools:
+``fp16``, ``int8``, ``int4``, ``w8a16`` (the QNN NPU path) and ``mixed`` (per-layer sensitivity,
+:mod:`qwen_edge.quant.sensitivity`). Calibration feeds come from :func:`qwen_edge.quant.calibrate.record`,
+the torch pipeline's real inputs to each component along the sampler's trajectory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qwen_edge.errors import InputError, IntegrityError
+
+RECIPES = ("fp16", "int8", "int4", "w8a16", "mixed")
+NEEDS_CALIBRATION = ("w8a16", "mixed")
+EVAL_FEEDS = 4  # calibration feeds the returned fidelity figure is measured on
+
+
+def quantize(component: str, src: Path, dst: Path, recipe: str,
+             calibration: list[dict[str, np.ndarray]] | None = None, *, block_size: int = 64,
+             target_psnr: float = 35.0, reduce_range: bool = False) -> dict:
+    """Quantize the fp32 ONNX model ``src`` of ``component`` with ``recipe`` into ``dst``.
+
+    ``calibration``: feeds recorded by :func:`qwen_edge.quant.calibrate.record` for this component
+    (required by ``w8a16`` and ``mixed``; ``int8`` uses them for static convolutions). ``block_size``:
+    int4 block (32, 64 or 128); ``target_psnr``: the ``mixed`` recipe's goal in dB. Returns the facts
+    for the manifest: recipe, tool versions, what was quantized how, op counts, bytes before/after, the
+    files written (``dst`` and any external data) and, with calibration, the output PSNR vs fp32 on up
+    to :data:`EVAL_FEEDS` feeds. ``dst`` is written whole or not at all.
+    """
+    import onnxruntime as ort
+
+    from . import recipes, sensitivity
+
+    src, dst = Path(src), Path(dst)
+    _check(component, src, dst, recipe, calibration)
+    opts = recipes.Options(block_size=block_size, target_psnr=target_psnr, reduce_range=reduce_range)
+    run = sensitivity.mixed if recipe == "mixed" else getattr(recipes, recipe)
+    try:
+        facts = run(component, src, dst, calibration, opts)
+        result = {"recipe": recipe, "component": component, "tool": f"onnxruntime {ort.__version__}", **facts,
+                  **_sizes(src, dst), "ops": _quant_ops(dst)}
+        if calibration and "psnr_db" not in result:
+            result["psnr_db"] = sensitivity.psnr_of(src, dst, calibration[:EVAL_FEEDS])
+    except BaseException:
+        _remove(dst)
+        raise
+    return result
+
+
+def _check(component: str, src: Path, dst: Path, recipe: str, calibration) -> None:
+    from .recipes import COMPONENTS
+
+    if recipe not in RECIPES:
+        raise InputError(f"unknown quantization recipe {recipe!r}; known: fp32 (none), {', '.join(RECIPES)}")
+    if component not in COMPONENTS:
+        raise InputError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")
+    if not src.is_file():
+        raise IntegrityError(f"{src} does not exist")
+    if src.resolve() == dst.resolve():
+        raise InputError(f"quantize would overwrite its source {src}; write to another file")
+    if not dst.parent.is_dir():
+        raise InputError(f"output folder {dst.parent} does not exist")
+    if recipe in NEEDS_CALIBRATION and not calibration:
+        raise InputError(f"the {recipe} recipe needs calibration feeds (qwen_edge.quant.calibrate.record)")
+
+
+def _sizes(src: Path, dst: Path) -> dict:
+    from .recipes import files_of, model_bytes
+
+    before, after = model_bytes(src), model_bytes(dst)
+    return {"bytes": {"fp32": before, "quantized": after}, "size_ratio": round(after / before, 4),
+            "files": [f.name for f in files_of(dst)]}
+
+
+def _quant_ops(dst: Path) -> dict[str, int]:
+    """Counts of the quantized op types in the result (what actually runs in integer or reduced precision)."""
+    from .recipes import op_counts
+
+    keep = ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
+            "GatherBlockQuantized", "ConvInteger", "QLinearConv", "QLinearMatMul", "Cast")
+    return {op: n for op, n in sorted(op_counts(dst).items()) if op in keep or op in ("MatMul", "Gemm", "Conv")}
+
+
+def _remove(dst: Path) -> None:
+    from .recipes import files_of
+
+    if not dst.exists():
+        return
+    try:
+        extra = files_of(dst)[1:]
+    except Exception:  # a half-written model may not even parse: drop what we can
+        extra = []
+    for f in [dst, *extra]:
+        f.unlink(missing_ok=True)

@@ -30,3 +30,28 @@ def tiny21_turbo_bf16(tmp_path_factory):
 
     return testing.tiny_checkpoint("qwen-image-2.1", tmp_path_factory.mktemp("tiny21_turbo"), seed=5,
                                    dtype="bfloat16", max_shard_size="50KB", sample_sigmas=TURBO_SIGMAS)
+
+
+# Exported fp32 ONNX bundles of the tiny checkpoints, built once per session (each export takes ~30 s):
+# shared by test_export_onnx.py and test_runtime_onnx.py.
+BUNDLE_TEXT_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def bundle21(tiny21, tmp_path_factory):
+    """tiny21 exported to an fp32 ONNX bundle at 64x64."""
+    from qwen_edge.export.onnx import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny21"
+    export_bundle(out, tiny21, height=64, width=64, text_len=BUNDLE_TEXT_LEN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_v1(tiny_v1, tmp_path_factory):
+    """tiny_v1 exported to an fp32 ONNX bundle at 32x48 (not square: catches a swapped height/width)."""
+    from qwen_edge.export.onnx import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny_v1"
+    export_bundle(out, tiny_v1, height=32, width=48, text_len=BUNDLE_TEXT_LEN)
+    return out

@@ -1,0 +1,208 @@
+"""Core ML conversion cost: time and peak memory per component, package sizes per compression, and one chunk of
+the full-size Qwen-Image 2.1 transformer showing that memory follows the chunk, not the model (issue 5).
+
+    python benchmarks/bench_coreml.py                      # tiny 2.1 checkpoint (until the embedded default exists)
+    python benchmarks/bench_coreml.py --model DIR          # any checkpoint directory
+    python benchmarks/bench_coreml.py --full-blocks 1,2    # full-size 2.1 chunks of 1 and 2 blocks (random bf16)
+
+Every measurement runs in a fresh child process so its peak RSS (``ru_maxrss``) is its own; a child that only
+imports torch and coremltools gives the baseline. Parity (PSNR vs torch, by the MIL interpreter) is printed
+next to each package so a fast-but-wrong conversion cannot hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FULL_CHUNK_START = 8  # a middle chunk: blocks only, no stem or head
+
+
+def _child(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"child {argv} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _feeds(io, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for t in io.inputs:
+        if t.dtype.startswith("int"):
+            feed[t.name] = rng.integers(0, 100, t.shape).astype(np.int32)
+        elif t.name == "sigma":
+            feed[t.name] = np.array([0.75], np.float32)
+        elif t.name.endswith("bias"):
+            feed[t.name] = np.zeros(t.shape, np.float32)
+        else:
+            feed[t.name] = rng.standard_normal(t.shape).astype(np.float32)
+    return feed
+
+
+# -- children ----------------------------------------------------------------------------------------------------
+
+
+def child_baseline() -> dict:
+    import torch  # noqa: F401
+
+    from qwen_edge.export import coreml
+
+    coreml.coremltools()
+    return {"peak_rss_mb": _peak_mb()}
+
+
+def child_component(model: str, name: str, size: int, text_len: int, quants: list[str]) -> dict:
+    """Convert one component of ``model`` (fp16, one package), then compress it: time, peak RSS, sizes, PSNR."""
+    from qwen_edge import iospec
+    from qwen_edge.export import coreml
+    from qwen_edge.export import coreml_chunks as chunks
+    from qwen_edge.spec import ModelSpec
+
+    coreml.coremltools()
+    spec = ModelSpec.from_checkpoint(model)
+    dims = iospec.dims_from_checkpoint(spec, size, size, text_len)
+    start = time.perf_counter()
+    if name in chunks.CHUNKABLE:
+        src = chunks.source(spec, name)
+        blocks = len(chunks.unit_params(src)[1])
+        module, io = chunks.load_chunk(src, 0, blocks), chunks.chunk_io(dims, name, 0, blocks, blocks)
+    else:
+        module, io = coreml._whole(spec, name), iospec.fold_rank(iospec.components(dims)[name], 5)
+    feed = _feeds(io)
+    refs = [coreml.torch_outputs(module, io, feed)]
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = coreml.convert(module, io, feed, quant="fp16")
+        fp16 = Path(tmp) / "fp16.mlpackage"
+        with coreml._quiet():
+            mlmodel.save(str(fp16))
+        seconds = time.perf_counter() - start
+        result = {"component": name, "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_mb()),
+                  "params": sum(p.numel() for p in module.parameters()),
+                  "sizes": {"fp16": _package_bytes(fp16)},
+                  "psnr_db": {"fp16": coreml.package_parity(fp16, io, [feed], refs)["psnr_db"]}}
+        ios18 = coreml.convert(module, io, feed, quant="fp16", ios18=True) if "int4" in quants else None
+        for quant in quants:
+            path = Path(tmp) / f"{quant}.mlpackage"
+            source = ios18 if quant == "int4" else mlmodel  # per-block 4-bit needs an iOS 18 program
+            with coreml._quiet():
+                coreml.compress(source, quant, ios18=quant == "int4").save(str(path))
+            result["sizes"][quant] = _package_bytes(path)
+            result["psnr_db"][quant] = coreml.package_parity(path, io, [feed], refs)["psnr_db"]
+    return result
+
+
+def child_full_chunk(blocks: int, size: int, text_len: int) -> dict:
+    """Blocks [8, 8 + blocks) of the full-size 2.1 transformer (32 blocks, width 4096) from a safetensors shard
+    holding only those blocks (random bf16), converted to one fp16 package."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qwen_edge import iospec
+    from qwen_edge import transformer_v2 as t2
+    from qwen_edge.export import coreml
+    from qwen_edge.export import coreml_chunks as chunks
+
+    coreml.coremltools()
+    cfg = t2.QWEN_IMAGE_21
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "transformer"
+        folder.mkdir()
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in t2.TransformerV2(cfg).named_parameters()}
+        prefixes = tuple(f"transformer_blocks.{i}." for i in range(FULL_CHUNK_START, FULL_CHUNK_START + blocks))
+        gen = torch.Generator().manual_seed(0)
+        weights = {n: (torch.randn(s, generator=gen) * (1.0 if "norm" in n else 0.02)).to(torch.bfloat16)
+                   for n, s in shapes.items() if n.startswith(prefixes)}
+        save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+        shard_bytes = sum(w.numel() * 2 for w in weights.values())
+        del weights
+        src = chunks.Source("transformer", "qwen-image-2.1", lambda: t2.TransformerV2(cfg), folder, t2.sanitize)
+        dims = iospec.Dims(family="qwen-image-2.1", height=size, width=size, text_len=text_len, drop=34,
+                           text_hidden=cfg.context_dim, z_channels=64, image_channels=4, encoder_channels=4,
+                           heads=cfg.num_heads, head_dim=cfg.head_dim, layers=cfg.num_layers)
+        start = time.perf_counter()
+        stop = FULL_CHUNK_START + blocks
+        module = chunks.load_chunk(src, FULL_CHUNK_START, stop)
+        io = chunks.chunk_io(dims, "transformer", FULL_CHUNK_START, stop, cfg.num_layers)
+        feed = _feeds(io)
+        opts = coreml.Options(quant="fp16", chunk_limit=1 << 40)
+        figures = coreml.convert_package(module, io, [feed], Path(tmp) / "chunk.mlpackage", opts, {})
+        return {"blocks": blocks, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_peak_mb()),
+                "shard_mb": round(shard_bytes / 2**20), "package_mb": round(_package_bytes(Path(tmp) / "chunk.mlpackage") / 2**20),
+                "psnr_db": figures["psnr_db"]}
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint directory (default: a tiny random 2.1 checkpoint built here)")
+    p.add_argument("--size", type=int, default=64, help="image size for the model's components (default 64)")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--full-blocks", default="1,2", help="full-size 2.1 chunk sizes in blocks ('' to skip)")
+    p.add_argument("--full-size", type=int, default=256, help="image size for the full-size chunk (default 256)")
+    p.add_argument("--child", nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        result = {"baseline": lambda: child_baseline(),
+                  "component": lambda: child_component(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4].split(",")),
+                  "full": lambda: child_full_chunk(int(rest[0]), int(rest[1]), int(rest[2]))}[kind]()
+        print(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from qwen_edge.testing import tiny_checkpoint
+
+            model = str(tiny_checkpoint("qwen-image-2.1", Path(tmp) / "tiny21"))
+            print("model: tiny random Qwen-Image 2.1 checkpoint (qwen_edge.testing.tiny_checkpoint)")
+        else:
+            print(f"model: {model}")
+        base = _child(["baseline"])
+        print(f"baseline (python + torch + coremltools imported): peak RSS {base['peak_rss_mb']:.0f} MB\n")
+        print("| component | params | convert s | peak RSS MB | fp16 KB | int8 | palette4 | int4 (iOS 18) | "
+              "PSNR fp16 / int8 / palette4 / int4 dB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        total = 0.0
+        for name in ("text_encoder", "text_kv", "transformer", "vae_decoder", "vae_encoder"):
+            r = _child(["component", model, name, str(args.size), str(args.text_len), "int8,palette4,int4"])
+            total += r["seconds"]
+            s, q = r["sizes"], r["psnr_db"]
+            print(f"| {name} | {r['params']:,} | {r['seconds']} | {r['peak_rss_mb']} | {s['fp16'] / 1024:.0f} | "
+                  f"{s['int8'] / s['fp16']:.3f}x | {s['palette4'] / s['fp16']:.3f}x | {s['int4'] / s['fp16']:.3f}x | "
+                  f"{q['fp16']:.1f} / {q['int8']:.1f} / {q['palette4']:.1f} / {q['int4']:.1f} |")
+        print(f"\nall components converted in {total:.1f} s (each in its own process)\n")
+    blocks = [int(b) for b in args.full_blocks.split(",") if b.strip()]
+    if blocks:
+        print(f"full-size 2.1 transformer chunks (width 4096, 32 heads, MLP 12288) at {args.full_size}x"
+              f"{args.full_size}, text_len {args.text_len}, fp16:")
+        print("| blocks | shard MB (bf16) | package MB | convert + gate s | peak RSS MB | above baseline MB | PSNR dB |")
+        print("|---|---|---|---|---|---|---|")
+        for b in blocks:
+            r = _child(["full", str(b), str(args.full_size), str(args.text_len)])
+            print(f"| {b} | {r['shard_mb']} | {r['package_mb']} | {r['seconds']} | {r['peak_rss_mb']} | "
+                  f"{r['peak_rss_mb'] - base['peak_rss_mb']:.0f} | {r['psnr_db']:.1f} |")
+        print("\nthe whole 32-block transformer is ~14 GB in bf16; each chunk's process only ever held its own blocks")
+
+
+if __name__ == "__main__":
+    main()

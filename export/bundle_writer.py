@@ -1,0 +1,101 @@
+"""Writing a bundle atomically: a temporary sibling directory, the manifest last, one rename at the end.
+
+Either the whole bundle appears at ``out`` or nothing changes there: a failure (an exception, a failed
+parity gate, Ctrl-C) removes the temporary directory and leaves any previous bundle at ``out`` intact.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from qwen_edge import bundle as bundle_mod
+from qwen_edge.errors import InputError
+
+
+class BundleWriter:
+    """Context manager giving paths inside a temporary bundle directory; :meth:`commit` publishes it.
+
+    >>> with BundleWriter(Path("out/bundle")) as w:
+    ...     model_path = w.path("transformer.onnx")  # write files here
+    ...     w.commit(manifest)                        # manifest.json last, then the rename
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        _check_target(self.out)
+        self.root = _fresh_dir(self.out, "partial")
+        self.committed = False
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            self.abort()
+
+    def path(self, rel: str) -> Path:
+        """Where to write bundle file ``rel`` (a clean relative path); parent folders are created."""
+        path = bundle_mod.inside(self.root, rel, "bundle file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def hashes(self, rels) -> dict[str, str]:
+        """``rel -> sha256`` of files already written."""
+        return {rel: bundle_mod.sha256_file(self.path(rel)) for rel in rels}
+
+    def commit(self, manifest: bundle_mod.Manifest) -> Path:
+        """Check the files against ``manifest``, write manifest.json last and move the bundle into place."""
+        bundle_mod.verify_files(self.root, manifest.files())
+        tmp = self.root / (bundle_mod.MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(manifest.dumps())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / bundle_mod.MANIFEST)
+        self._publish()
+        self.committed = True
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _publish(self) -> None:
+        """Swap the finished directory in. An old bundle is moved aside first and restored if the swap fails,
+        deleted once it succeeds (a directory cannot be replaced by one atomic rename)."""
+        old = None
+        if self.out.exists():
+            old = _fresh_dir(self.out, "old")
+            os.rename(self.out, old / "bundle")
+        try:
+            os.rename(self.root, self.out)
+        except OSError:
+            if old is not None:
+                os.rename(old / "bundle", self.out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_dir(out: Path, kind: str) -> Path:
+    """A new hidden sibling of ``out``. Not tempfile.mkdtemp: its 0700 mode would become the bundle's."""
+    for _ in range(100):
+        path = out.parent / f".{out.name}.{secrets.token_hex(4)}.{kind}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot create a temporary folder next to {out}")
+
+
+def _check_target(out: Path) -> None:
+    """``out`` may be new or an existing bundle (replaced on success), never some other file or folder."""
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    if out.is_symlink() or (out.exists() and not empty_dir and not (out / bundle_mod.MANIFEST).is_file()):
+        raise InputError(f"--out {out} exists and is not a qwen-edge bundle; refusing to replace it")

@@ -1,0 +1,502 @@
+"""ONNX export: a checkpoint -> a bundle of static-shape ONNX graphs, each gated against torch.
+
+Every component goes through the same small shape: real example inputs in its IOSpec layout (recorded from
+a torch run of the pipeline) -> a thin wrapper module whose ``forward`` takes exactly the IOSpec inputs ->
+``torch.onnx.export`` (dynamo exporter, opset 21, static shapes) -> metadata -> optional quantization
+(``qwen_edge.quant.quantize``) -> parity gate in ONNX Runtime. A bundle that misses a gate is never
+written (:class:`~qwen_edge.errors.NumericalError`); the measured figures go into the manifest.
+
+Graphs per family (names and I/O in :mod:`qwen_edge.iospec`):
+
+- 2.1: ``text_encoder``; ``text_kv`` = :meth:`TransformerV2.encode_text` (text K/V of every layer, once per
+  prompt) and ``transformer`` = :meth:`TransformerV2.forward_cached` (image tokens only, once per step);
+  ``vae_decoder``; optional ``vae_encoder``.
+- v1: ``text_encoder``; ``transformer`` (forward with a text-padding bias); ``vae_decoder``; optional
+  ``vae_encoder``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import qwen_edge
+import torch
+from qwen_edge import bundle as bundle_mod
+from qwen_edge import iospec, schedule
+from qwen_edge.errors import IntegrityError, NumericalError, UsageError
+from qwen_edge.pipeline import Pipeline, Request
+from qwen_edge.runtimes.onnx import (
+    Feed,
+    Feeds,
+    OnnxComponents,
+    required_components,
+)
+from qwen_edge.spec import ModelSpec, default_model
+from torch import nn
+
+from .bundle_writer import BundleWriter
+
+TARGETS = ("onnx", "qnn")
+RECIPES = ("fp32", "fp16", "int8", "int4", "w8a16", "mixed")
+QNN_RECIPES = ("w8a16",)  # what the QNN HTP backend runs: static QDQ, 8-bit weights, 16-bit activations
+COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")  # what a user selects
+DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
+OPSET = 21
+DEFAULT_TEXT_LEN = 256  # prompt tokens after the template; longer prompts are truncated with a warning
+SAMPLE_PROMPT = "a red circle above a blue square on a white background"
+PAD_TOKEN = "<|endoftext|>"  # what Qwen's tokenizers pad with; the runtime pads the ids with it
+
+# Parity gates (dB). Per component: ONNX Runtime vs the torch module on the same recorded inputs; per image:
+# the bundle's pipeline vs the torch fp32 pipeline on the same noise (the issue's figures).
+COMPONENT_GATE_DB = {"fp32": 60.0, "fp16": 35.0}
+COMPONENT_GATE_OTHER_DB = 20.0
+IMAGE_GATE_DB = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "w8a16": 28.0, "int4": 25.0, "mixed": 30.0}
+PSNR_CAP_DB = 200.0  # identical outputs (infinite PSNR) are recorded as this, JSON has no infinity
+EXTERNAL_DATA_BYTES = 512 << 20  # weights above this go to a .data file (ONNX protobufs stop at 2 GB)
+
+
+# -- thin wrappers: forward takes exactly the IOSpec inputs, in order -----------------------------------------
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids)  # (1, drop + text_len, D)
+
+
+class TextKVGraph(nn.Module):
+    """2.1: per-layer text K/V, (layers, 2, 1, heads, text_len, head_dim)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text, rope_cos, rope_sin, text_bias):
+        return self.model.encode_text(text, rope_cos, rope_sin, text_bias)
+
+
+class TransformerV21Graph(nn.Module):
+    """2.1: one step over the image tokens against the cached text K/V."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents, text_kv, sigma, rope_cos, rope_sin, image_bias):
+        return self.model.forward_cached(latents, text_kv, sigma, rope_cos, rope_sin, image_bias)
+
+
+class TransformerV1Graph(nn.Module):
+    """v1: one step; ``text_bias`` masks the text padding."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents, text, sigma, img_cos, img_sin, txt_cos, txt_sin, text_bias):
+        return self.model(latents, text, sigma, img_cos, img_sin, txt_cos, txt_sin, text_bias)
+
+
+def graphs(spec: ModelSpec, torch_components, selected: Sequence[str]) -> dict[str, nn.Module]:
+    """The wrapper module of every graph to export, in pipeline order."""
+    v21 = spec.family.name == "qwen-image-2.1"
+    out: dict[str, nn.Module] = {}
+    if "text_encoder" in selected:
+        out["text_encoder"] = TextEncoderGraph(torch_components.text_encoder)
+    if "transformer" in selected:
+        model = torch_components.transformer
+        if v21:
+            if not model.config.causal_condition:
+                raise UsageError("ONNX export of 2.1 needs causal_condition=True (the text K/V cache)")
+            out["text_kv"] = TextKVGraph(model)
+        out["transformer"] = TransformerV21Graph(model) if v21 else TransformerV1Graph(model)
+    if "vae_decoder" in selected:
+        out["vae_decoder"] = torch_components.vae_decoder
+    if "vae_encoder" in selected:
+        out["vae_encoder"] = _load_encoder(spec)
+    for m in out.values():
+        m.eval()
+    return out
+
+
+def _load_encoder(spec: ModelSpec) -> nn.Module:
+    if spec.family.name == "qwen-image-2.1":
+        from qwen_edge.vae_v2 import load_vae_v2_encoder
+
+        return load_vae_v2_encoder(spec.component("vae"))
+    from qwen_edge.vae_v1 import load_vae_v1_encoder
+
+    return load_vae_v1_encoder(spec.component("vae"))
+
+
+# -- recording real sample inputs from the torch pipeline -------------------------------------------------------
+
+
+class Recorder:
+    """The torch components, recording every graph's inputs (IOSpec layout, through :class:`Feeds`) as the
+    pipeline runs: the sample inputs are the transformer's real inputs at each sigma, the decoder's real
+    latents, and so on."""
+
+    def __init__(self, torch_components, feeds: Feeds):
+        self.torch = torch_components
+        self.feeds = feeds
+        self.records: dict[str, list[Feed]] = defaultdict(list)
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        self.records["text_encoder"].append(self.feeds.text_encoder(ids))
+        return self.torch.encode_text(ids)
+
+    def denoiser(self, text: np.ndarray, h: int, w: int):
+        kv_feed, fixed = self.feeds.prompt(text)
+        if kv_feed is not None:
+            self.records["text_kv"].append(kv_feed)
+            names = iospec.text_kv(self.feeds.dims).input_names
+            fixed["text_kv"] = torch_run(TextKVGraph(self.torch.transformer), names, kv_feed)[0]
+        inner = self.torch.denoiser(text, h, w)
+
+        def call(latents: np.ndarray, sigma: float) -> np.ndarray:
+            self.records["transformer"].append(Feeds.step(fixed, latents, sigma))
+            return inner(latents, sigma)
+
+        return call
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        self.records["vae_decoder"].append({"latents": np.ascontiguousarray(z, np.float32)})
+        image = self.torch.decode(z)
+        self.records["vae_encoder"].append({"image": np.clip(image, -1.0, 1.0).astype(np.float32)})
+        return image
+
+
+@torch.inference_mode()
+def torch_run(module: nn.Module, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
+    """Run a wrapper module on a feed (inputs in ``names`` order); outputs as float32 NumPy."""
+    out = module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.float().numpy() for o in outs]
+
+
+def sample_run(spec: ModelSpec, torch_components, dims: iospec.Dims, rope: dict, pad_id: int,
+               prompts: Sequence[str], steps: int, seed: int) -> tuple[dict[str, list[Feed]], list[np.ndarray]]:
+    """Run the torch pipeline on each prompt (same sizes and schedule as the bundle), recording every graph's
+    inputs. Returns (feeds per graph, the torch pipeline's uint8 image per prompt)."""
+    recorder = Recorder(torch_components, Feeds(dims, rope, pad_id))
+    pipe = Pipeline(spec, recorder)
+    images = [_image(pipe, p, dims, steps, seed) for p in prompts]
+    return dict(recorder.records), images
+
+
+def _image(pipe: Pipeline, prompt: str, dims: iospec.Dims, steps: int, seed: int) -> np.ndarray:
+    *_, last = pipe.generate(Request(prompt=prompt, height=dims.height, width=dims.width, steps=steps, seed=seed))
+    return last.image
+
+
+# -- one component: export call -> metadata -> (quantize) -> parity gate ----------------------------------------
+
+
+def export_graph(module: nn.Module, io: iospec.IOSpec, example: Feed, path: Path, *, opset: int = OPSET,
+                 external_data: bool | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Export ``module`` with the static shapes and names of ``io`` to ``path`` (+ ``path.data`` when the
+    weights are big or ``external_data`` is True)."""
+    for t in io.inputs:
+        got = example[t.name]
+        if tuple(got.shape) != t.shape or str(got.dtype) != t.dtype:
+            raise IntegrityError(f"{io.component}: example input {t.name} is {got.shape} {got.dtype}, "
+                                 f"the IOSpec says {t.shape} {t.dtype}")
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in io.input_names)
+    if external_data is None:
+        external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
+    with _quiet():
+        program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
+                                    opset_version=opset, dynamo=True, verbose=False)
+    program.model.metadata_props.update(metadata or {})
+    program.save(str(path), external_data=external_data)
+    _check_static(path, io)
+
+
+def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to a saved graph's metadata_props, rewriting only the protobuf (external data stays)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(model, {**props, **metadata})
+    onnx.save_model(model, str(path))
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs progress and optional-dependency notes (torchvision) at WARNING; keep the CLI quiet."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_static(path: Path, io: iospec.IOSpec) -> None:
+    """The saved graph's inputs/outputs are exactly the IOSpec's names and static shapes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def shapes(values):
+        return [(v.name, tuple(d.dim_value if d.HasField("dim_value") else None
+                               for d in v.type.tensor_type.shape.dim)) for v in values]
+
+    want_in = [(t.name, t.shape) for t in io.inputs]
+    want_out = [(t.name, t.shape) for t in io.outputs]
+    if shapes(graph.input) != want_in or shapes(graph.output) != want_out:
+        raise IntegrityError(f"{io.component}: exported graph I/O {shapes(graph.input)} -> {shapes(graph.output)} "
+                             f"differs from its IOSpec {want_in} -> {want_out}")
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """PSNR (dB, peak = the reference's max |value|) and max error relative to that peak."""
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    if got.shape != ref.shape or not np.isfinite(got64).all():
+        return {"psnr_db": 0.0, "max_rel_error": float("inf")}
+    peak = max(float(np.abs(ref64).max()), 1e-12)
+    mse = float(np.mean((ref64 - got64) ** 2))
+    psnr = PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * np.log10(peak**2 / mse))
+    return {"psnr_db": round(float(psnr), 2), "max_rel_error": float(np.abs(ref64 - got64).max() / peak)}
+
+
+def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two uint8 images (peak 255), capped at :data:`PSNR_CAP_DB`."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0 else round(float(min(PSNR_CAP_DB, 10 * np.log10(255.0**2 / mse))), 2)
+
+
+def parity(module: nn.Module, io: iospec.IOSpec, model: Path, feeds: Sequence[Feed]) -> dict[str, float]:
+    """Worst-case :func:`fidelity` of the ONNX model in ONNX Runtime (CPU) vs ``module`` over ``feeds``."""
+    from qwen_edge.runtimes.onnx import open_session
+
+    sess = open_session(model, "cpu", name=io.component)
+    worst = {"psnr_db": PSNR_CAP_DB, "max_rel_error": 0.0}
+    for feed in feeds:
+        refs = torch_run(module, io.input_names, feed)
+        gots = sess.run(io.output_names, {n: feed[n] for n in io.input_names})
+        for ref, got in zip(refs, gots):
+            f = fidelity(ref, got)
+            worst = {"psnr_db": min(worst["psnr_db"], f["psnr_db"]),
+                     "max_rel_error": max(worst["max_rel_error"], f["max_rel_error"])}
+    return {**worst, "samples": len(feeds)}
+
+
+def _gate(name: str, figures: dict, min_db: float) -> None:
+    if not figures["psnr_db"] >= min_db:
+        raise NumericalError(f"{name}: the exported graph misses its parity gate against torch: PSNR "
+                             f"{figures['psnr_db']:.1f} dB < {min_db:.1f} dB (max relative error "
+                             f"{figures['max_rel_error']:.2e}); no bundle was written")
+
+
+Quantize = Callable[[str, Path, Path, list], dict]  # (component, fp32 src, dst, calibration feeds) -> facts
+
+
+def _quantizer(recipe: str, target: str) -> Quantize | None:
+    """How a component's fp32 graph becomes the bundle's: None for fp32; ``qwen_edge.quant.quantize`` with the
+    recipe; for ``target="qnn"`` ``qwen_edge.export.qnn.prepare`` (w8a16, then run on the HTP backend)."""
+    if recipe == "fp32":
+        return None
+    try:
+        if target == "qnn":
+            from qwen_edge.export.qnn import prepare
+
+            return lambda name, src, dst, feeds: prepare(src, dst, feeds, component=name)
+        from qwen_edge.quant import quantize
+    except ImportError:
+        raise UsageError(f"--quant {recipe} needs qwen_edge.quant, which this installation lacks; "
+                         "use --quant fp32") from None
+    return lambda name, src, dst, feeds: quantize(name, src, dst, recipe, calibration=feeds)
+
+
+# -- the whole bundle ---------------------------------------------------------------------------------------------
+
+
+def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: str | None = None,
+                  height: int | None = None, width: int | None = None, text_len: int = DEFAULT_TEXT_LEN,
+                  steps: int = 4, components: Sequence[str] = DEFAULT_COMPONENTS,
+                  prompts: Sequence[str] = (SAMPLE_PROMPT,), seed: int = 0, opset: int = OPSET,
+                  external_data: bool | None = None, min_component_psnr: float | None = None,
+                  min_image_psnr: float | None = None,
+                  log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
+    """Export checkpoint ``model`` (a directory or cached repo id; None: the embedded default) to a bundle at
+    ``out``, atomically. Returns the manifest written.
+
+    ``quant``: fp32 (default for ``target="onnx"``) or a recipe of :mod:`qwen_edge.quant` (``target="qnn"``
+    defaults to w8a16). ``height``/``width``: the static image size (default: the checkpoint's default).
+    ``text_len``: prompt tokens kept after the template. ``components``: from :data:`COMPONENTS` ("transformer"
+    includes 2.1's text_kv). ``prompts``/``seed``/``steps``: the torch sample run whose real inputs drive the
+    parity gates (and calibration). ``min_component_psnr``/``min_image_psnr``: override the gates.
+    """
+    log = log or (lambda msg: None)
+    recipe = _check_choices(target, quant, components, steps)
+    quantize = _quantizer(recipe, target)
+    spec = ModelSpec.from_checkpoint(model if model is not None else default_model())
+    dims = iospec.dims_from_checkpoint(spec, height or spec.default_size, width or spec.default_size, text_len)
+    spec = dataclasses.replace(spec, template=dataclasses.replace(spec.template, max_length=text_len))
+    from qwen_edge.runtimes.torch import TorchComponents
+
+    log(f"loading {spec.root}")
+    torch_components = TorchComponents(spec)
+    modules = graphs(spec, torch_components, components)
+    rope, pad_id = _rope(torch_components.transformer), _pad_id(spec)
+    log(f"sample run: {len(prompts)} prompt(s), {steps} steps at {dims.height}x{dims.width}")
+    feeds, reference = sample_run(spec, torch_components, dims, rope, pad_id, prompts, steps, seed)
+    io = iospec.components(dims)
+    gate = min_component_psnr if min_component_psnr is not None else COMPONENT_GATE_DB.get(recipe, COMPONENT_GATE_OTHER_DB)
+    meta = {"qwen_edge.family": dims.family, "qwen_edge.version": qwen_edge.__version__, "qwen_edge.recipe": recipe}
+    with BundleWriter(out) as writer, tempfile.TemporaryDirectory(dir=writer.root.parent,
+                                                                  prefix=f".{writer.out.name}.work.") as work:
+        entries = {}
+        for name, module in modules.items():
+            log(f"exporting {name}")
+            entries[name] = _component(writer, Path(work), name, module, io[name], feeds[name], recipe, quantize,
+                                       opset, external_data, gate, {**meta, "qwen_edge.component": name})
+            log(f"  {name}: {entries[name].fidelity['psnr_db']:.1f} dB vs torch")
+        manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries,
+                             _tokenizer(writer, spec, pad_id))
+        manifest = _image_gate(writer, manifest, reference, prompts, seed, steps, recipe, min_image_psnr, log)
+        writer.commit(manifest)
+    log(f"wrote {writer.out}")
+    return manifest
+
+
+def _check_choices(target: str, quant: str | None, components: Sequence[str], steps: int) -> str:
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    recipe = quant or ("w8a16" if target == "qnn" else "fp32")
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if target == "qnn" and recipe not in QNN_RECIPES:
+        raise UsageError(f"target qnn runs {', '.join(QNN_RECIPES)} graphs only, not {recipe}")
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise UsageError(f"unknown component(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(COMPONENTS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be a positive integer, got {steps!r}")
+    return recipe
+
+
+def _rope(transformer: nn.Module) -> dict:
+    cfg = transformer.config
+    axes = getattr(cfg, "axes_dims", None) or cfg.axes_dims_rope
+    return {"axes_dims": [int(a) for a in axes], "theta": float(getattr(cfg, "theta", 10000.0))}
+
+
+def _component(writer: BundleWriter, work: Path, name: str, module: nn.Module, io: iospec.IOSpec,
+               feeds: list[Feed], recipe: str, quantize: Quantize | None, opset: int, external_data: bool | None,
+               gate: float, metadata: dict[str, str]) -> bundle_mod.Component:
+    rel = f"{name}.onnx"
+    dst = writer.path(rel)
+    src = dst if quantize is None else work / rel
+    # Metadata goes onto the bundle's graph only: onnxruntime 1.32's QNN preprocessing chokes on a source
+    # graph that carries metadata_props (preprocess.py builds a dict from the proto entries).
+    export_graph(module, io, feeds[0], src, opset=opset, external_data=external_data,
+                 metadata=metadata if quantize is None else None)
+    details = {}
+    if quantize is not None:
+        details = quantize(name, src, dst, feeds) or {}
+        stamp_metadata(dst, metadata)
+    figures = parity(module, io, dst, feeds)
+    _gate(name, figures, gate)
+    uses = [rel, *bundle_mod.external_data_files(dst)]
+    return bundle_mod.Component(name=name, file=rel, io=io, files=writer.hashes(uses), format="onnx", opset=opset,
+                                recipe=recipe, fidelity={**figures, "min_psnr_db": gate}, quant=dict(details))
+
+
+def _pad_id(spec: ModelSpec) -> int:
+    from qwen_edge.prompt import load_tokenizer
+
+    pad = load_tokenizer(spec.tokenizer_dir).token_to_id(PAD_TOKEN)
+    return 0 if pad is None else int(pad)
+
+
+def _tokenizer(writer: BundleWriter, spec: ModelSpec, pad_id: int) -> bundle_mod.Tokenizer:
+    """Copy the tokenizer file(s) the runtime reads into ``tokenizer/``."""
+    rels = []
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        src = spec.tokenizer_dir / fname
+        if src.is_file():
+            shutil.copyfile(src, writer.path(f"tokenizer/{fname}"))
+            rels.append(f"tokenizer/{fname}")
+    if "tokenizer/tokenizer.json" not in rels:
+        raise IntegrityError(f"{spec.tokenizer_dir} has no tokenizer.json to put into the bundle")
+    t = spec.template
+    return bundle_mod.Tokenizer(file="tokenizer/tokenizer.json", files=writer.hashes(rels), template=t.template,
+                                drop=t.drop, max_length=t.max_length, pad_id=pad_id)
+
+
+def _manifest(spec: ModelSpec, model, dims: iospec.Dims, rope: dict, target: str, recipe: str, steps: int,
+              entries: dict[str, bundle_mod.Component], tokenizer: bundle_mod.Tokenizer) -> bundle_mod.Manifest:
+    fam = spec.family
+    n = dims.tokens
+    sigmas = schedule.sigmas(spec.scheduler, steps, n, sample_sigmas=spec.sample_sigmas)
+    h, w = dims.height // fam.vae_factor, dims.width // fam.vae_factor
+    latent = {"layout": fam.latent_layout, "channels": dims.z_channels, "vae_factor": fam.vae_factor,
+              "patch": fam.patch, "shape": [1, dims.z_channels, h, w], "packed_shape": [1, n, dims.token_channels],
+              "noise": "float32 numpy.random.Generator(PCG64(seed)).standard_normal(shape), unpacked layout"}
+    sampler = bundle_mod.Sampler(steps=len(sigmas) - 1, sigmas=tuple(float(s) for s in sigmas),
+                                 scheduler=dataclasses.asdict(spec.scheduler), sample_sigmas=spec.sample_sigmas)
+    return bundle_mod.Manifest(
+        family=fam.name, target=target, recipe=recipe, height=dims.height, width=dims.width,
+        text_len=dims.text_len, dims=dims, rope=rope, sampler=sampler, tokenizer=tokenizer, components=entries,
+        source=_source(spec, model), latent=latent, quant={"recipe": recipe}, created_by=_versions())
+
+
+def _source(spec: ModelSpec, model) -> dict:
+    configs = ["model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
+               "vae/config.json", "text_encoder/config.json"]
+    hashes = {c: bundle_mod.sha256_file(spec.root / c) for c in configs if (spec.root / c).is_file()}
+    return {"model": str(model) if model is not None else "embedded default", "config_sha256": hashes}
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"qwen_edge": qwen_edge.__version__, "torch": torch.__version__.split("+")[0],
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _image_gate(writer: BundleWriter, manifest: bundle_mod.Manifest, reference: list[np.ndarray],
+                prompts: Sequence[str], seed: int, steps: int, recipe: str, min_db: float | None,
+                log: Callable[[str], None]) -> bundle_mod.Manifest:
+    """Generate with the unpublished bundle on ONNX Runtime and compare with the torch pipeline's images."""
+    missing = [c for c in required_components(manifest.family) if c not in manifest.components]
+    if missing:  # a partial bundle (e.g. only the VAE) cannot generate: nothing to measure end to end
+        return manifest
+    min_db = IMAGE_GATE_DB.get(recipe, 30.0) if min_db is None else min_db
+    pipe = Pipeline(ModelSpec.from_bundle(manifest, writer.root),
+                    OnnxComponents(bundle_mod.Bundle(writer.root, manifest), cache=False))
+    dims = manifest.dims
+    worst = min(image_psnr(_image(pipe, p, dims, steps, seed), ref) for p, ref in zip(prompts, reference))
+    log(f"  image: {worst:.1f} dB vs the torch pipeline")
+    if not worst >= min_db:
+        raise NumericalError(f"the bundle's image differs from the torch pipeline's on the same noise: PSNR "
+                             f"{worst:.1f} dB < {min_db:.1f} dB; no bundle was written")
+    fid = {"image_psnr_db": worst, "min_image_psnr_db": min_db, "reference": "torch fp32 pipeline, same noise",
+           "prompts": list(prompts), "seed": seed, "steps": steps,
+           "components": {name: dict(c.fidelity) for name, c in manifest.components.items()}}
+    return dataclasses.replace(manifest, fidelity=fid)

@@ -1,0 +1,504 @@
+"""Quantization recipes over ONNX files, built from ONNX Runtime's own tools.
+
+One function per recipe, each ``(component, src, dst, calibration, options) -> facts``: ``src`` is an fp32
+ONNX model exported per :mod:`qwen_edge.iospec`, ``dst`` the file to write (external data next to it when
+the model is large), the facts a JSON-ready dict for the bundle manifest. No quantizer is written here:
+
+- ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with fp32 I/O, keeping in fp32 the
+  ops and nodes where Qwen-Image overflows or loses precision in half precision (norm statistics,
+  softmax, the timestep/modulation path, the final norm and projection).
+- ``int8``: ``quantize_dynamic``: per-channel symmetric int8 weights for MatMul/Gemm/Gather, uint8
+  activations quantized on the fly, so ORT runs integer kernels (``DynamicQuantizeMatMul``,
+  ``MatMulIntegerToFloat``) rather than dequantizing weights to fp32. Convolutions: ORT's dynamic
+  ``ConvInteger`` is ~5x *slower* than its fp32 Conv on x86, so with calibration feeds the convolutions
+  are quantized statically instead (QDQ, uint8 activations, per-channel int8 weights: ORT fuses them into
+  ``QLinearConv``, ~1.7x faster than fp32 on the VAE decoder), and without calibration they stay fp32.
+- ``int4``: ``MatMulNBitsQuantizer``: block-wise symmetric 4-bit weights (block 32/64/128) with int8
+  activations inside ``MatMulNBits`` (accuracy level 4), embedding tables as ``GatherBlockQuantized``. The
+  VAE components take the ``int8`` recipe (the issue: "VAE stays int8").
+- ``w8a16``: static QDQ for the QNN HTP backend through ``onnxruntime.quantization.execution_providers.qnn``
+  (``qnn_preprocess_model``, ``get_qnn_qdq_config``): per-tensor uint8 weights, uint16 activations
+  calibrated on recorded sampler trajectories (:func:`qwen_edge.quant.calibrate.record`).
+- ``mixed`` lives in :mod:`qwen_edge.quant.sensitivity`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qwen_edge.errors import InputError, IntegrityError, require
+from qwen_edge.rope import MASKED
+
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_kv", "transformer") + VAE_COMPONENTS
+BLOCK_SIZES = (32, 64, 128)
+MASK_FLOOR = -1e4  # attention logits below this are masks, not data
+MASK_MARGIN = 30.0  # nats below the smallest real logit where masked logits saturate (w8a16)
+# Above this the protobuf limit (2 GB) is near: weights go to an external data file next to the model.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+# fp16: op types whose outputs overflow or lose too much in half precision. Norm statistics (x**2 sums
+# reach 65504 when activations are ~256; Qwen-Image's residual stream gets far larger), softmax, and the
+# transcendental functions of the sinusoidal timestep embedding (arguments up to sigma * 1000).
+FP16_KEEP_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                 "RMSNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "ReduceL2",
+                 "ReduceSumSquare", "LpNormalization", "Pow", "Sqrt", "Reciprocal", "Softmax", "Exp", "Sin", "Cos")
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto data types
+NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
+            "GroupNormalization", "InstanceNormalization", "ReduceMean", "ReduceL2", "LpNormalization")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Recipe knobs. ``block_size``: int4 block length along K; ``target_psnr``: the ``mixed`` recipe's goal
+    (dB, component output vs fp32 on the calibration feeds); ``reduce_range``: 7-bit int8 weights, for
+    x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs ~6 dB)."""
+
+    block_size: int = 64
+    target_psnr: float = 35.0
+    reduce_range: bool = False
+
+    def __post_init__(self):
+        if self.block_size not in BLOCK_SIZES:
+            raise InputError(f"int4 block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+
+
+# -- the recipes --------------------------------------------------------------------------------------------
+
+
+def fp16(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
+    """Half-precision weights and compute, fp32 I/O; overflow-prone ops and nodes stay fp32."""
+    f16 = require("onnxruntime.transformers.float16", "onnx")
+    onnx = require("onnx", "onnx")
+    model = onnx.load(str(src))
+    keep_nodes = sorted(scalar_path(model.graph) | tail(model.graph))
+    ops = list(f16.DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_OPS)
+    model = f16.convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=keep_nodes)
+    _merge_fp32_islands(model.graph)
+    stored = _store_half(model.graph)
+    save(model, dst)
+    return {"weights": "float16", "compute": "float16, fp32 I/O",
+            "kept_fp32": {"op_types": list(FP16_KEEP_OPS), "nodes": len(keep_nodes),
+                          "weights_stored_fp16": stored,
+                          "why": "norm statistics, softmax, the timestep/modulation path and the final "
+                                 "norm + projection overflow or lose precision in fp16"}}
+
+
+def _store_half(graph) -> int:
+    """Store the weight matrices of the fp32-kept nodes in fp16, cast back to fp32 when the session loads.
+
+    The kept path is mostly v1's modulation (a third of its weights): fp32 arithmetic on fp16-rounded
+    weights costs nothing measurable (~85 dB on the output), and the file halves. Small tensors (the
+    timestep frequencies, whose rounding costs 45 dB) and vectors stay fp32. Returns how many were stored.
+    """
+    onnx = require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    stored = 0
+    infos = {v.name: v for v in graph.value_info}
+    for tensor in [t for t in graph.initializer if t.data_type == FLOAT and len(t.dims) == 2 and min(t.dims) >= 16]:
+        if tensor.name in infos:  # the converter may have typed the name fp16; it stays an fp32 tensor
+            infos[tensor.name].type.tensor_type.elem_type = FLOAT
+        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name + "_fp16")
+        graph.initializer.remove(tensor)
+        graph.initializer.append(half)
+        graph.node.insert(0, onnx.helper.make_node("Cast", [half.name], [tensor.name], name=tensor.name + "_to_fp32",
+                                                   to=FLOAT))
+        stored += 1
+    return stored
+
+
+def _merge_fp32_islands(graph) -> None:
+    """Remove the converter's fp32 -> fp16 -> fp32 round trips, so chains of kept nodes stay fp32.
+
+    The converter treats every kept node as an island: its fp32 output is cast to fp16 and cast back for
+    the next kept node. Along the timestep path that rounds sigma * 1000 * freq to fp16 (errors of ~0.5
+    rad in the sinusoid: the output drops to ~37 dB); the graph inputs (sigma, rotary tables) likewise.
+    Each ``Cast(to=float)`` of a ``Cast(to=float16)`` of a float32 tensor becomes an Identity of it.
+    """
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    to_half = {n.output[0]: n.input[0] for n in graph.node
+               if n.op_type == "Cast" and _cast_to(n) == FLOAT16 and types.get(n.input[0]) == FLOAT}
+    for node in graph.node:
+        if node.op_type == "Cast" and _cast_to(node) == FLOAT and node.input[0] in to_half:
+            node.op_type, node.input[0] = "Identity", to_half[node.input[0]]
+            del node.attribute[:]
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    for n in [n for n in graph.node if n.op_type == "Cast" and n.output[0] in to_half and n.output[0] not in used]:
+        graph.node.remove(n)
+
+
+def _cast_to(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "to"), 0)
+
+
+def int8(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
+    """Per-channel int8 weights with int8 compute (dynamic activations); convs static when calibrated."""
+    q = require("onnxruntime.quantization", "onnx")
+    facts = {"weights": "int8 symmetric per-channel", "activations": "uint8, quantized per call (dynamic)",
+             "compute": "integer (DynamicQuantizeMatMul / MatMulIntegerToFloat)", "reduce_range": opts.reduce_range}
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        staged = src
+        if calibration and has_op(src, "Conv"):
+            staged = Path(tmp) / "convs.onnx"
+            _static_convs(src, staged, calibration, q)
+            facts["convolutions"] = "QDQ static: uint8 calibrated activations, int8 per-channel weights (QLinearConv)"
+        elif has_op(src, "Conv"):
+            facts["convolutions"] = "float32 (ConvInteger is slower than fp32 Conv on CPU; pass calibration feeds)"
+        with quiet():
+            q.quantize_dynamic(str(staged), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                               per_channel=True, reduce_range=opts.reduce_range, weight_type=q.QuantType.QInt8,
+                               use_external_data_format=_large(staged), extra_options={"MatMulConstBOnly": True})
+    return facts
+
+
+def _static_convs(src: Path, dst: Path, calibration, q) -> None:
+    from .calibrate import reader
+
+    with quiet():
+        q.quantize_static(str(src), str(dst), reader(calibration), quant_format=q.QuantFormat.QDQ,
+                          op_types_to_quantize=["Conv"], per_channel=True, activation_type=q.QuantType.QUInt8,
+                          weight_type=q.QuantType.QInt8, use_external_data_format=_large(src))
+
+
+def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
+    """Block-wise 4-bit MatMul weights (MatMulNBits) and embeddings; the VAE takes the int8 recipe."""
+    if component in VAE_COMPONENTS:
+        return {**int8(component, src, dst, calibration, opts), "note": "VAE components stay int8"}
+    model = canonical(src)
+    quantize_nbits(model, 4, opts.block_size)
+    save(model, dst)
+    return {"weights": f"int4 symmetric, blocks of {opts.block_size} along K (MatMulNBits, GatherBlockQuantized)",
+            "activations": "int8 inside MatMulNBits (accuracy_level 4)", "block_size": opts.block_size}
+
+
+def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
+    """Static QDQ for the QNN HTP NPU: uint8 per-tensor weights, uint16 activations, calibrated."""
+    if not calibration:
+        raise InputError("w8a16 needs calibration feeds (qwen_edge.quant.calibrate.record)")
+    onnx = require("onnx", "qnn")
+    q = require("onnxruntime.quantization", "qnn")
+    qnn = require("onnxruntime.quantization.execution_providers.qnn", "qnn")
+    check_static(src)
+    from .calibrate import reader
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, quiet():
+        pre = Path(tmp) / "pre.onnx"
+        large = _large(src)
+        # qnn_preprocess_model fuses patterns HTP runs natively (LayerNorm, Gelu, ...); it writes nothing
+        # when there is nothing to change.
+        staged = pre if qnn.qnn_preprocess_model(str(src), str(pre), save_as_external_data=large) else src
+        model = onnx.load(str(staged))
+        if fuse_lp_norms(model) + fuse_rms_norms(model):
+            staged = Path(tmp) / "fused.onnx"
+            save(model, staged)
+        overrides = masked_softmax_ranges(staged, calibration, Path(tmp))
+        cfg = qnn.get_qnn_qdq_config(str(staged), reader(calibration), activation_type=q.QuantType.QUInt16,
+                                     weight_type=q.QuantType.QUInt8, per_channel=False, init_overrides=overrides)
+        cfg.use_external_data_format = large
+        with np.errstate(over="ignore"):  # a float32-lowest mask saturating to the clamped range divides to inf
+            q.quantize(str(staged), str(dst), cfg)
+    return {"weights": "uint8 per-tensor (QDQ)", "activations": "uint16 per-tensor (QDQ), calibrated",
+            "calibration_feeds": len(calibration), "target": "QNN HTP (Qualcomm w8a16)",
+            "masked_softmax_inputs": len(overrides or {}),
+            "softmax_mask_margin": MASK_MARGIN}
+
+
+def masked_softmax_ranges(path: Path, feeds, tmp: Path) -> dict | None:
+    """Quantization ranges for attention logits that carry a mask, and for the masks themselves.
+
+    A mask adds -65504 (or float32's lowest) to forbidden logits; min/max calibration would spread the
+    16-bit grid of the Softmax input over [-65504, max], a step of ~1 nat: attention would run on logits
+    rounded to integers (the tiny text encoder falls to ~18 dB). The Softmax input's range is instead the
+    real logits' (values above :data:`MASK_FLOOR`) widened by :data:`MASK_MARGIN` below: masked logits
+    saturate there, keeping a weight of at most e**-30 against any real key. The mask operand of the Add
+    before the Softmax is clamped to [-65504, 0] (float32's lowest as a 16-bit grid's end has a scale of
+    1e33, which the HTP backend refuses to compile).
+    """
+    onnx = require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    logits = sorted({n.input[0] for n in graph.node if n.op_type == "Softmax"})
+    operands = sorted({x for name in logits if (p := producer.get(name)) is not None and p.op_type == "Add"
+                       for x in p.input})
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in operands}
+    stats = _ranges(model, [n for n in logits + operands if n not in consts], feeds, tmp)
+    for name, value in consts.items():
+        stats[name] = _range(value)
+    overrides = {}
+    for name, (lo, hi, masked) in stats.items():
+        if not masked or not np.isfinite(lo):
+            continue
+        rmin = lo - MASK_MARGIN if name in logits else MASKED
+        overrides[name] = [{"rmin": np.array(rmin, np.float32), "rmax": np.array(max(hi, 0.0), np.float32)}]
+    return overrides or None
+
+
+def _ranges(model, names: list[str], feeds, tmp: Path) -> dict[str, tuple[float, float, bool]]:
+    """(min, max) over the unmasked values of tensors ``names`` on ``feeds``, and whether any was masked."""
+    onnx = require("onnx", "onnx")
+    ort = require("onnxruntime", "onnx")
+    if not names:
+        return {}
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    probe = tmp / "softmax_probe.onnx"
+    save(model, probe)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
+    stats: dict[str, tuple[float, float, bool]] = {}
+    for feed in feeds:
+        for name, value in zip(names, sess.run(names, feed)):
+            lo, hi, masked = _range(value)
+            old = stats.get(name, (np.inf, -np.inf, False))
+            stats[name] = (min(old[0], lo), max(old[1], hi), old[2] or masked)
+    probe.unlink()
+    return stats
+
+
+def _range(value: np.ndarray) -> tuple[float, float, bool]:
+    real = value[value > MASK_FLOOR]
+    if not real.size:
+        return np.inf, -np.inf, value.size > 0
+    return float(real.min()), float(real.max()), real.size < value.size
+
+
+def fuse_rms_norms(model) -> int:
+    """Fuse decomposed RMSNorms (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: ``ops.rms_norm`` as
+    exported) into ``SimplifiedLayerNormalization`` with ORT's own transformer fusion, in place. The QNN EP
+    runs it as HTP's RmsNorm; the decomposed 16-bit Reciprocal loses the text encoders on HTP (~17 dB
+    where ORT's CPU QDQ reference gives ~45). Returns the number of fusions."""
+    require("onnxruntime.transformers", "onnx")
+    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    before = sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node)
+    wrapped = OnnxModel(model)
+    with quiet():
+        FusionSimplifiedLayerNormalization(wrapped).apply()
+        wrapped.prune_graph()
+    return sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node) - before
+
+
+def _lp_norm_last_axis(onnx, div, axis: int, rank: int | None) -> list:
+    """LpNormalization over ``axis`` as the HTP backend runs it right: over the last axis. A channel axis
+    is moved last and back with two Transposes (the EP's NHWC layout then cancels them); ORT's QNN EP
+    mis-lays out LpNormalization(axis=1) after a Conv (the tiny VAE decoder fell to 18 dB)."""
+    name, x, y = div.name + "_lpnorm", div.input[0], div.output[0]
+    if rank is None or axis in (-1, rank - 1):
+        return [onnx.helper.make_node("LpNormalization", [x], [y], name=name, axis=-1, p=2)]
+    axis %= rank
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    back = [perm.index(d) for d in range(rank)]
+    return [onnx.helper.make_node("Transpose", [x], [name + "_in"], name=name + "_to_last", perm=perm),
+            onnx.helper.make_node("LpNormalization", [name + "_in"], [name + "_out"], name=name, axis=-1, p=2),
+            onnx.helper.make_node("Transpose", [name + "_out"], [y], name=name + "_back", perm=back)]
+
+
+def fuse_lp_norms(model) -> int:
+    """Fuse ``x / max(ReduceL2(x, axis), eps)`` (``F.normalize``, the VAE's RMS norm over channels) into
+    ``LpNormalization(x, axis, p=2)``. ORT's QNN pre-processing fuses this pattern on the last axis only;
+    the VAE normalises axis 1, and the HTP backend fails to compile the unfused 16-bit broadcasting Div.
+    Same result: both give 0 for an all-zero vector. Returns the number of fusions."""
+    onnx = require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < (1 << 31) - 1 else model
+    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.graph.value_info) + list(graph.input)}
+    uses = Counter(x for n in graph.node for x in n.input) + Counter(o.name for o in graph.output)
+
+    def const(name):
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    fused = 0
+    for div in [n for n in graph.node if n.op_type == "Div"]:
+        chain, node = [], producer.get(div.input[1])
+        if node is not None and node.op_type == "Expand":
+            chain, node = [node], producer.get(node.input[0])
+        if node is None or node.op_type != "Clip" or len(node.input) < 2 or (len(node.input) > 2 and node.input[2]):
+            continue
+        eps, red = const(node.input[1]), producer.get(node.input[0])
+        if eps is None or not 0 < float(eps) <= 1e-6 or red is None or red.op_type != "ReduceL2":
+            continue
+        axes = const(red.input[1]) if len(red.input) > 1 else None
+        keep = next((a.i for a in red.attribute if a.name == "keepdims"), 1)
+        inner = [red, node, *chain]
+        if red.input[0] != div.input[0] or axes is None or axes.size != 1 or not keep or \
+                any(uses[n.output[0]] != 1 for n in inner):
+            continue
+        at = list(graph.node).index(div)
+        for k, node in enumerate(_lp_norm_last_axis(onnx, div, int(axes.ravel()[0]), shapes.get(div.input[0]))):
+            graph.node.insert(at + k, node)
+        for n in [*inner, div]:
+            graph.node.remove(n)
+        fused += 1
+    return fused
+
+
+# -- ONNX Runtime tool wrappers shared with the mixed recipe ------------------------------------------------
+
+
+def canonical(src: Path):
+    """The model with every Gemm rewritten as MatMul (+ Add) by ORT's own pass, so one weight-quantizer
+    sees every linear layer (v1's modulation Linears export as Gemm and hold a third of its weights)."""
+    onnx = require("onnx", "onnx")
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    model = onnx.load(str(src))
+    wrapped = ONNXModel(model)
+    wrapped.replace_gemm_with_matmul()
+    wrapped.remove_unused_constant()
+    return wrapped.model
+
+
+def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = None) -> None:
+    """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    op_types = ("MatMul", "Gather")
+    # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
+    exclude = [] if nodes is None else [n.name for n in model.graph.node if n.op_type in op_types and n.name not in nodes]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=exclude, op_types_to_quantize=op_types,
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    with quiet():
+        quantizer.process()
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence ORT quantization's advisory root-logger warnings ("consider pre-processing") for one call."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+# -- graph facts --------------------------------------------------------------------------------------------
+
+
+def scalar_path(graph) -> set[str]:
+    """Names of nodes computed only from scalar graph inputs (and constants): the timestep embedding and
+    the modulation it drives, which depend on sigma alone. Found structurally, so no I/O name is spelled."""
+    const = {t.name for t in graph.initializer}
+    derived = {i.name for i in graph.input if _numel(i) == 1}
+    path = set()
+    for node in graph.node:
+        ins = [x for x in node.input if x]
+        if all(x in const or x in derived for x in ins):
+            if any(x in derived for x in ins):
+                path.add(node.name)
+                derived.update(node.output)
+            else:
+                const.update(node.output)
+    return path
+
+
+def tail(graph) -> set[str]:
+    """Names of the final layers: from the last normalisation node to the outputs (final norm, its
+    modulation, the output projection)."""
+    nodes = list(graph.node)
+    norms = [i for i, n in enumerate(nodes) if n.op_type in NORM_OPS]
+    if not norms:
+        return set()
+    start = norms[-1]
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    todo = [producer[o.name] for o in graph.output if o.name in producer]
+    seen: set[int] = set()
+    while todo:
+        i = todo.pop()
+        if i in seen or i < start:
+            continue
+        seen.add(i)
+        todo += [producer[x] for x in nodes[i].input if x in producer]
+    return {nodes[i].name for i in seen}
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """Op types of a model file (external data not loaded)."""
+    onnx = require("onnx", "onnx")
+    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
+
+
+def has_op(path: Path, op_type: str) -> bool:
+    return op_type in op_counts(path)
+
+
+def check_static(path: Path) -> None:
+    """Refuse a model with symbolic dimensions (the QNN HTP backend compiles static shapes only)."""
+    onnx = require("onnx", "onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            raise InputError(f"{path.name}: {value.name} has a dynamic shape; the QNN target needs static shapes "
+                             "(export with fixed --height/--width/--text-len)")
+
+
+def files_of(path: Path) -> list[Path]:
+    """The model file and every external data file it references."""
+    onnx = require("onnx", "onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    extra = {e.value for t in _all_tensors(model.graph) for e in t.external_data if e.key == "location"}
+    files = [path] + [path.parent / name for name in sorted(extra)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise IntegrityError(f"{path.name} references missing external data: {', '.join(missing)}")
+    return files
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes on disk of a model and its external data."""
+    return sum(f.stat().st_size for f in files_of(path))
+
+
+def save(model, dst: Path) -> None:
+    """Write ``model``; weights go to ``<dst name>.data`` next to it when the model is large."""
+    onnx = require("onnx", "onnx")
+    dst = Path(dst)
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    if large:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _large(path: Path) -> bool:
+    return model_bytes(Path(path)) > EXTERNAL_DATA_BYTES
+
+
+def _numel(value) -> int:
+    n = 1
+    for d in value.type.tensor_type.shape.dim:
+        if not d.HasField("dim_value"):
+            return -1
+        n *= d.dim_value
+    return n
+
+
+def _all_tensors(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)

@@ -1,0 +1,312 @@
+"""The ONNX Runtime runtime: a bundle's component graphs as pipeline components, on CPU or a Qualcomm NPU.
+
+Only provides callables (:class:`qwen_edge.pipeline.Components`); tokenization, the sampler and image handling
+stay in the pipeline. Imports no torch: a device needs numpy, tokenizers, onnx and onnxruntime.
+
+Two layers:
+
+- :class:`GraphComponents` turns pipeline-level arrays into each graph's IOSpec inputs (static shapes: the
+  prompt right-padded to the bundle's ``text_len``, rotary tables and attention biases built in NumPy by
+  :mod:`qwen_edge.rope` / :mod:`qwen_edge.rope_v1`) and back. It runs graphs through any
+  ``run(component, feeds) -> outputs`` function, so the exporter drives the same code with torch modules to
+  record real sample inputs, and calibration can reuse :class:`Feeds`.
+- :class:`OnnxComponents` supplies ``run`` from ONNX Runtime sessions opened on a verified bundle.
+
+For 2.1 the text keys/values are computed once per prompt by the ``text_kv`` graph and every step runs
+only the image tokens (``transformer``).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from qwen_edge import bundle as bundle_mod
+from qwen_edge import rope as rope_v2_mod
+from qwen_edge import rope_v1 as rope_v1_mod
+from qwen_edge.errors import InputError, IntegrityError, QwenEdgeError, require
+from qwen_edge.iospec import Dims
+from qwen_edge.sampler import Denoiser
+
+V21 = "qwen-image-2.1"
+DEVICES = ("cpu", "npu")
+
+Feed = dict[str, np.ndarray]
+Run = Callable[[str, Feed], Feed]
+
+
+class Feeds:
+    """Pipeline-level arrays -> the IOSpec inputs of one bundle's graphs (see :mod:`qwen_edge.iospec`)."""
+
+    def __init__(self, dims: Dims, rope: Mapping, pad_id: int = 0):
+        self.dims = dims
+        self.axes_dims = tuple(int(a) for a in rope["axes_dims"])
+        self.theta = float(rope["theta"])
+        self.pad_id = pad_id
+
+    def text_encoder(self, ids: np.ndarray) -> Feed:
+        """(1, L) ids -> input_ids right-padded with ``pad_id`` to drop + text_len. The encoder is causal: the
+        padding never changes the real tokens' states (the pad id only matters to calibrated ranges)."""
+        d = self.dims
+        total = d.drop + d.text_len
+        if ids.ndim != 2 or ids.shape[0] != 1 or not 0 < ids.shape[1] <= total:
+            raise InputError(f"token ids must be (1, L) with L <= {total} for this bundle, got {ids.shape}")
+        padded = np.full((1, total), self.pad_id, np.int64)
+        padded[:, :ids.shape[1]] = ids
+        return {"input_ids": padded}
+
+    def prompt(self, text: np.ndarray) -> tuple[Feed | None, Feed]:
+        """One prompt's (1, L, D) hidden states -> (the text_kv graph's inputs (2.1; None for v1), the
+        transformer inputs that stay fixed over the steps)."""
+        d = self.dims
+        n = text.shape[1]
+        if text.ndim != 3 or text.shape[0] != 1 or text.shape[2] != d.text_hidden or not 0 < n <= d.text_len:
+            raise InputError(f"text states must be (1, L, {d.text_hidden}) with 1 <= L <= {d.text_len} for this "
+                             f"bundle, got {text.shape}")
+        padded = np.zeros((1, d.text_len, d.text_hidden), np.float32)
+        padded[:, :n] = text
+        return self._prompt_v21(padded, n) if d.family == V21 else (None, self._prompt_v1(padded, n))
+
+    def _prompt_v21(self, text: np.ndarray, n: int) -> tuple[Feed, Feed]:
+        t, (h, w) = self.dims.text_len, self.dims.grid
+        cos, sin = rope_v2_mod.rope_v2(self.axes_dims, n, h, w, self.theta, text_pad_len=t)  # (t + N, Dh/2)
+        bias = rope_v2_mod.attention_bias_v2(n, h * w, text_pad_len=t)  # (1, 1, t + N, t + N)
+        kv = {"text": text, "rope_cos": cos[:t], "rope_sin": sin[:t], "text_bias": bias[..., :t, :t]}
+        step = {"rope_cos": cos[t:], "rope_sin": sin[t:], "image_bias": np.ascontiguousarray(bias[..., t:, :])}
+        return kv, step
+
+    def _prompt_v1(self, text: np.ndarray, n: int) -> Feed:
+        t, (h, w) = self.dims.text_len, self.dims.grid
+        img_cos, img_sin, txt_cos, txt_sin = rope_v1_mod.rope_v1(t, h, w, self.axes_dims, self.theta)
+        bias = np.zeros((1, 1, 1, t + h * w), np.float32)
+        bias[..., n:t] = rope_v2_mod.MASKED  # pad text keys; finite so fp16 graphs stay NaN-free
+        return {"text": text, "img_cos": img_cos, "img_sin": img_sin, "txt_cos": txt_cos, "txt_sin": txt_sin,
+                "text_bias": bias}
+
+    @staticmethod
+    def step(fixed: Feed, latents: np.ndarray, sigma: float) -> Feed:
+        """The transformer's inputs for one sampler step."""
+        return {**fixed, "latents": np.ascontiguousarray(latents, np.float32),
+                "sigma": np.array([sigma], np.float32)}
+
+
+class GraphComponents:
+    """:class:`qwen_edge.pipeline.Components` over a bundle's graphs, whoever runs them (``run``)."""
+
+    def __init__(self, dims: Dims, rope: Mapping, run: Run, pad_id: int = 0):
+        self.dims = dims
+        self.feeds = Feeds(dims, rope, pad_id)
+        self.run = run
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        out = self.run("text_encoder", self.feeds.text_encoder(ids))["hidden_states"]  # (1, drop + text_len, D)
+        return out[:, :ids.shape[1]]  # the real tokens only: the pipeline drops the template prefix
+
+    def denoiser(self, text: np.ndarray, h: int, w: int) -> Denoiser:
+        if (h, w) != self.dims.grid:
+            raise InputError(f"this bundle's transformer was exported for a {self.dims.grid} token grid, not {(h, w)}")
+        kv_feed, fixed = self.feeds.prompt(text)
+        if kv_feed is not None:  # 2.1: text is modulated at t = 0, its K/V are computed once per prompt
+            fixed["text_kv"] = self.run("text_kv", kv_feed)["text_kv"]
+        return lambda latents, sigma: self.run("transformer", Feeds.step(fixed, latents, sigma))["velocity"]
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return self.run("vae_decoder", {"latents": np.ascontiguousarray(z, np.float32)})["image"]
+
+
+# -- ONNX Runtime --------------------------------------------------------------------------------------------
+
+
+def required_components(family: str) -> tuple[str, ...]:
+    """The graphs a bundle needs for text-to-image generation."""
+    return ("text_encoder", "text_kv", "transformer", "vae_decoder") if family == V21 else (
+        "text_encoder", "transformer", "vae_decoder")
+
+
+class OnnxComponents(GraphComponents):
+    """A bundle's components on ONNX Runtime.
+
+    ``bundle``: a bundle directory or a loaded :class:`qwen_edge.bundle.Bundle`. ``device``: ``"cpu"`` or
+    ``"npu"`` (the QNN execution provider's HTP backend, CPU fallback disabled). ``low_memory``: keep one
+    session alive at a time (the text encoder is freed before sampling, the transformer before decoding).
+    ``verify``: check every file's sha256 first (turn off only for trusted storage). ``cache_dir``: where
+    optimised CPU graphs are cached (default :func:`default_cache_dir`), never inside the bundle; ``cache``
+    False skips the cache. ``threads``: intra-op threads (default: the physical cores).
+    """
+
+    def __init__(self, bundle, device: str = "cpu", low_memory: bool = False, verify: bool = True,
+                 cache_dir: str | Path | None = None, cache: bool = True, threads: int | None = None):
+        if device not in DEVICES:
+            raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        self.bundle = bundle if isinstance(bundle, bundle_mod.Bundle) else bundle_mod.load(bundle, verify=verify)
+        m = self.bundle.manifest
+        missing = [name for name in required_components(m.family) if name not in m.components]
+        if missing:
+            raise IntegrityError(f"bundle {self.bundle.root} lacks component(s) {', '.join(missing)} needed to "
+                                 f"generate (it has: {', '.join(m.components) or 'none'}); re-export it with them")
+        super().__init__(m.dims, m.rope, self._run, m.tokenizer.pad_id)
+        self.device, self.low_memory, self.threads = device, low_memory, threads
+        self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
+        self.sessions: dict[str, object] = {}
+
+    def session(self, name: str):
+        """The component's session, opened on first use (closing the others first with ``low_memory``)."""
+        if name not in self.sessions:
+            if self.low_memory:
+                self.close()
+            comp = self.bundle.component(name)
+            bundle_mod.check_external_data(self.bundle.root, comp.file, comp.files)
+            # every file's hash: an external-data model's .onnx holds only offsets, its weights can change alone
+            key = f"{name}-{hashlib.sha256(repr(sorted(comp.files.items())).encode()).hexdigest()[:16]}"
+            self.sessions[name] = open_session(self.bundle.path(comp.file), self.device, cache_dir=self.cache_dir,
+                                               cache_key=key, threads=self.threads, name=name,
+                                               low_memory=self.low_memory)
+        return self.sessions[name]
+
+    def close(self) -> None:
+        """Free every open session."""
+        self.sessions.clear()
+        gc.collect()
+
+    def _run(self, name: str, feeds: Feed) -> Feed:
+        sess = self.session(name)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+
+
+def pipeline(bundle, device: str = "cpu", low_memory: bool = False, verify: bool = True,
+             cache_dir: str | Path | None = None, cache: bool = True, threads: int | None = None):
+    """A :class:`qwen_edge.pipeline.Pipeline` generating from a bundle on ONNX Runtime (arguments as
+    :class:`OnnxComponents`)."""
+    from qwen_edge.pipeline import Pipeline
+    from qwen_edge.spec import ModelSpec
+
+    components = OnnxComponents(bundle, device=device, low_memory=low_memory, verify=verify,
+                                cache_dir=cache_dir, cache=cache, threads=threads)
+    b = components.bundle
+    return Pipeline(ModelSpec.from_bundle(b.manifest, b.root), components)
+
+
+def default_cache_dir() -> Path:
+    """``$QWEN_EDGE_CACHE``, else ``$XDG_CACHE_HOME/qwen-edge``, else ``~/.cache/qwen-edge`` (read at call time)."""
+    if os.environ.get("QWEN_EDGE_CACHE"):
+        return Path(os.environ["QWEN_EDGE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwen-edge"
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads slow ORT's GEMMs down rather than up)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None, low_memory: bool = False):
+    """ORT options for edge CPUs: sequential execution on the physical cores, all graph optimisations,
+    the memory arena on (off with ``low_memory``: the arena keeps freed activations reserved)."""
+    ort = require("onnxruntime", "onnx")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_cpu_mem_arena = not low_memory
+    so.log_severity_level = 3  # errors only; qwen-edge reports failures itself
+    return so
+
+
+def open_session(model: Path, device: str = "cpu", *, cache_dir: Path | None = None, cache_key: str | None = None,
+                 threads: int | None = None, name: str | None = None, low_memory: bool = False):
+    """An ``onnxruntime.InferenceSession`` for ``model``.
+
+    CPU: the graph optimised at level ALL is cached under ``cache_dir`` (keyed by ``cache_key``, the ORT
+    version and the CPU, since the optimised layouts are CPU-specific) and reused. NPU: the QNN execution
+    provider (HTP backend) with CPU fallback disabled; nodes the NPU cannot run end in an InputError naming
+    them.
+    """
+    name = name or Path(model).stem
+    if device == "npu":
+        return _npu_session(Path(model), name)
+    ort = require("onnxruntime", "onnx")
+    so = session_options(threads, low_memory)
+    if cache_dir is None or cache_key is None:
+        return _session(ort, model, so, name)
+    cached = Path(cache_dir) / f"{cache_key}-{_machine_key(ort)}"
+    if (cached / "model.onnx").is_file():
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised offline already
+        return _session(ort, cached / "model.onnx", so, name)
+    return _session_writing_cache(ort, Path(model), so, name, cached)
+
+
+def _session(ort, model: Path, so, name: str):
+    try:
+        return ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+        raise IntegrityError(f"{name}: ONNX Runtime cannot load {Path(model).name}: {_first_line(e)}") from None
+
+
+def _session_writing_cache(ort, model: Path, so, name: str, cached: Path):
+    """Open ``model`` while ORT writes its optimised graph to a temporary folder, then publish the folder
+    with one atomic rename (a concurrent reader never sees half a file)."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
+    except OSError:  # an unwritable cache only costs the optimisation time
+        return _session(ort, model, so, name)
+    so.optimized_model_filepath = str(tmp / "model.onnx")
+    if bundle_mod.external_data_files(model):  # big graphs: keep the optimised weights external too
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        sess = _session(ort, model, so, name)
+        os.rename(tmp, cached)
+    except OSError:  # another process published first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except QwenEdgeError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sess
+
+
+def _machine_key(ort) -> str:
+    """ORT version + CPU: level-ALL graphs use CPU-specific layouts (NCHWc block size follows the vector width)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    cpu = hashlib.sha256(f"{platform.machine()}|{platform.processor()}|{flags}".encode()).hexdigest()[:12]
+    return f"ort{ort.__version__}-{cpu}"
+
+
+# -- NPU: the QNN execution provider ---------------------------------------------------------------------------
+
+
+def _npu_session(model: Path, name: str):
+    """The QNN EP session (HTP backend, CPU fallback disabled) of :mod:`qwen_edge.export.qnn`, which owns
+    the QNN specifics (plugin registration, provider options, naming unsupported nodes)."""
+    from qwen_edge.export import qnn  # torch-free: onnxruntime and onnxruntime-qnn only
+
+    try:
+        return qnn.session(model)
+    except QwenEdgeError as e:
+        raise type(e)(f"{name}: {e}") from None
+    except Exception as e:  # the diagnostic session itself can fail inside ORT: still one line
+        raise InputError(f"{name}: the QNN HTP backend cannot run {model.name}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

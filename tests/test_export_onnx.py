@@ -1,0 +1,190 @@
+"""ONNX export: tiny 2.1 and v1 checkpoints -> fp32 bundles, each graph checked against torch.
+
+Tolerances: every exported graph vs its torch module on real recorded inputs (a prompt the export never
+saw) >= 60 dB PSNR and max error <= 1e-4 of the reference's peak (fp32 graphs differ from torch in the
+last bits only: kernels and fused ops sum in other orders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from qwen_edge import bundle as bundle_mod
+from qwen_edge import iospec, schedule
+from qwen_edge.cli import main
+from qwen_edge.errors import InputError, IntegrityError, NumericalError, UsageError
+from qwen_edge.export import onnx as export_onnx
+from qwen_edge.runtimes.onnx import OnnxComponents
+from qwen_edge.runtimes.torch import TorchComponents
+from qwen_edge.spec import ModelSpec
+
+from tests.conftest import BUNDLE_TEXT_LEN
+
+OTHER_PROMPT = "two yellow stars under a green moon"
+
+
+def files_state(folder):
+    """Every file below ``folder`` -> its bytes' sha256 (to prove nothing changed)."""
+    return {str(p.relative_to(folder)): bundle_mod.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def no_leftovers(out):
+    return not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("which", ["bundle21", "bundle_v1"])
+def test_manifest_validates_and_matches_the_iospec(which, request):
+    jsonschema = pytest.importorskip("jsonschema")
+    root = request.getfixturevalue(which)
+    data = json.loads((root / "manifest.json").read_text())
+    schema = json.loads(bundle_mod.SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(data)
+    b = bundle_mod.load(root)
+    m = b.manifest
+    assert Manifest_roundtrips(m)
+    want = iospec.components(m.dims)
+    for name, comp in m.components.items():
+        assert comp.io == want[name]
+        assert set(comp.files) == {comp.file}  # small graphs: weights inside the .onnx
+        assert comp.fidelity["psnr_db"] >= 60 and comp.opset == 21
+        model = onnx.load(str(b.path(comp.file)))
+        assert model.opset_import[0].version >= 21
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["qwen_edge.component"] == name and meta["qwen_edge.family"] == m.family
+    assert m.fidelity["image_psnr_db"] >= 45
+    assert m.text_len == BUNDLE_TEXT_LEN and m.tokenizer.max_length == BUNDLE_TEXT_LEN
+    assert (root / "tokenizer" / "tokenizer.json").is_file()
+
+
+def Manifest_roundtrips(m: bundle_mod.Manifest) -> bool:
+    return bundle_mod.Manifest.from_json(json.loads(m.dumps())) == m
+
+
+def test_components_per_family(bundle21, bundle_v1):
+    assert list(bundle_mod.load(bundle21).manifest.components) == [
+        "text_encoder", "text_kv", "transformer", "vae_decoder"]
+    assert list(bundle_mod.load(bundle_v1).manifest.components) == ["text_encoder", "transformer", "vae_decoder"]
+
+
+@pytest.mark.parametrize("which,ckpt", [("bundle21", "tiny21"), ("bundle_v1", "tiny_v1")])
+def test_manifest_records_the_exact_schedule_and_template(which, ckpt, request):
+    m = bundle_mod.load(request.getfixturevalue(which)).manifest
+    spec = ModelSpec.from_checkpoint(request.getfixturevalue(ckpt))
+    want = schedule.sigmas(spec.scheduler, 4, m.dims.tokens, sample_sigmas=spec.sample_sigmas)
+    assert np.array_equal(np.asarray(m.sampler.sigmas, np.float32), want)  # exact float32 values
+    assert m.tokenizer.template == spec.template.template and m.tokenizer.drop == spec.template.drop
+    assert m.latent["layout"] == spec.family.latent_layout
+
+
+@pytest.mark.parametrize("which,ckpt", [("bundle21", "tiny21"), ("bundle_v1", "tiny_v1")])
+def test_every_graph_matches_torch_on_new_real_inputs(which, ckpt, request):
+    """Per-component parity on a trajectory the export never saw (another prompt and seed)."""
+    b = bundle_mod.load(request.getfixturevalue(which))
+    m = b.manifest
+    spec = ModelSpec.from_checkpoint(request.getfixturevalue(ckpt))
+    spec = dataclasses.replace(spec, template=dataclasses.replace(spec.template, max_length=m.text_len))
+    torch_components = TorchComponents(spec)
+    selected = [c for c in export_onnx.COMPONENTS if c in m.components]  # 2.1's text_kv comes with "transformer"
+    modules = export_onnx.graphs(spec, torch_components, selected)
+    feeds, _ = export_onnx.sample_run(spec, torch_components, m.dims, dict(m.rope), m.tokenizer.pad_id,
+                                      [OTHER_PROMPT], 4, seed=7)
+    for name, comp in m.components.items():
+        sess = ort.InferenceSession(str(b.path(comp.file)), providers=["CPUExecutionProvider"])
+        for feed in feeds[name]:
+            ref = export_onnx.torch_run(modules[name], comp.io.input_names, feed)[0]
+            got = sess.run(None, feed)[0]
+            f = export_onnx.fidelity(ref, got)
+            assert f["psnr_db"] >= 60 and f["max_rel_error"] <= 1e-4, (name, f)
+
+
+def test_text_padding_is_exact_in_the_graphs(bundle21, tiny21):
+    """The padded static graphs reproduce the torch runtime on the unpadded prompt (2.1 text K/V + step)."""
+    b = bundle_mod.load(bundle21)
+    spec = ModelSpec.from_checkpoint(tiny21)
+    torch_components = TorchComponents(spec)
+    onnx_components = OnnxComponents(b, cache=False)
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((1, 5, b.manifest.dims.text_hidden)).astype(np.float32)  # 5 of 32 tokens
+    x = rng.standard_normal((1, b.manifest.dims.tokens, b.manifest.dims.token_channels)).astype(np.float32)
+    h, w = b.manifest.dims.grid
+    want = torch_components.denoiser(text, h, w)(x, 0.75)
+    got = onnx_components.denoiser(text, h, w)(x, 0.75)
+    assert export_onnx.fidelity(want, got)["psnr_db"] >= 60
+
+
+@pytest.mark.filterwarnings("ignore:the prompt was truncated")
+def test_failed_gate_writes_nothing_and_keeps_the_previous_bundle(bundle21, tiny21, tmp_path):
+    out = tmp_path / "bundle"
+    import shutil
+
+    shutil.copytree(bundle21, out)
+    before = files_state(out)
+    with pytest.raises(NumericalError, match="parity gate"):
+        export_onnx.export_bundle(out, tiny21, height=64, width=64, text_len=8, components=("text_encoder",),
+                                  min_component_psnr=1000.0)
+    assert files_state(out) == before
+    assert no_leftovers(out)
+
+
+@pytest.mark.filterwarnings("ignore:the prompt was truncated")
+def test_vae_encoder_alone_with_external_data(tiny_v1, tmp_path):
+    """Only the VAE encoder, weights forced into external data: gated, hashed, path-checked, and the
+    runtime refuses the bundle for generation with a clear missing-component error."""
+    out = tmp_path / "encoder_only"
+    m = export_onnx.export_bundle(out, tiny_v1, height=32, width=32, text_len=8, components=("vae_encoder",),
+                                  external_data=True)
+    comp = m.components["vae_encoder"]
+    assert comp.io == iospec.vae_encoder(m.dims) and comp.fidelity["psnr_db"] >= 60
+    assert set(comp.files) == {"vae_encoder.onnx", "vae_encoder.onnx.data"}
+    assert bundle_mod.external_data_files(out / "vae_encoder.onnx") == ["vae_encoder.onnx.data"]
+    bundle_mod.check_external_data(out, comp.file, comp.files)
+    assert m.fidelity == {}  # a partial bundle cannot generate: no image figure
+    with pytest.raises(IntegrityError, match="lacks component.s. text_encoder, transformer, vae_decoder"):
+        OnnxComponents(out)
+    (out / "vae_encoder.onnx.data").write_bytes(b"\0" * 16)
+    with pytest.raises(IntegrityError, match="vae_encoder.onnx.data does not match its sha256"):
+        bundle_mod.load(out)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(target="tflite"), UsageError, "unknown target"),
+    (dict(quant="int3"), UsageError, "unknown quantization recipe"),
+    (dict(target="qnn", quant="fp32"), UsageError, "target qnn runs"),
+    (dict(components=("unet",)), UsageError, "unknown component"),
+    (dict(height=48), InputError, "multiple of 32"),
+    (dict(text_len=0), InputError, "text length"),
+])
+def test_bad_export_arguments(tiny21, tmp_path, kwargs, error, match):
+    out = tmp_path / "b"
+    with pytest.raises(error, match=match):
+        export_onnx.export_bundle(out, tiny21, **{"height": 64, "width": 64, **kwargs})
+    assert not out.exists() and no_leftovers(out)
+
+
+def test_refuses_to_replace_something_that_is_not_a_bundle(tiny21, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(InputError, match="not a qwen-edge bundle"):
+        export_onnx.export_bundle(out, tiny21, height=64, width=64)
+    assert (out / "cat.jpg").read_bytes() == b"meow"
+
+
+@pytest.mark.parametrize("argv,code,match", [
+    (["--target", "tflite"], 2, "unknown target"),
+    (["--quant", "int2"], 2, "unknown quantization recipe"),
+    (["--height", "40"], 3, "multiple of 32"),
+    (["--components", "text_encoder,unet"], 2, "unknown component"),
+])
+def test_cli_export_bad_input_is_one_line(tiny21, tmp_path, capsys, argv, code, match):
+    out = tmp_path / "b"
+    assert main(["export", "--model", str(tiny21), "--out", str(out), *argv]) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("qwen-edge: error:") and match in err[0]
+    assert not out.exists() and no_leftovers(out)
