@@ -6,9 +6,11 @@ parity gate, Ctrl-C) removes the temporary directory and leaves any previous bun
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 from qwen_edge import bundle as bundle_mod
@@ -25,8 +27,10 @@ class BundleWriter:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
+        _recover(self.out)
         _check_target(self.out)
         self.root = _fresh_dir(self.out, "partial")
+        self.work = _fresh_dir(self.out, "work")  # scratch files that never become part of the bundle
         self.committed = False
 
     def __enter__(self) -> BundleWriter:
@@ -57,14 +61,21 @@ class BundleWriter:
         os.replace(tmp, self.root / bundle_mod.MANIFEST)
         self._publish()
         self.committed = True
+        shutil.rmtree(self.work, ignore_errors=True)
         return self.out
 
     def abort(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def _publish(self) -> None:
-        """Swap the finished directory in. An old bundle is moved aside first and restored if the swap fails,
-        deleted once it succeeds (a directory cannot be replaced by one atomic rename)."""
+        """Swap the finished directory in. On Linux one atomic ``renameat2(RENAME_EXCHANGE)`` swaps the old
+        bundle and the new one, so a kill at any instant leaves one whole bundle at ``out``. Elsewhere the old
+        bundle is moved aside first and restored if the swap fails; a kill in that window is repaired by
+        :func:`_recover` on the next export or load."""
+        if self.out.exists() and _exchange(self.root, self.out):
+            shutil.rmtree(self.root, ignore_errors=True)  # the old bundle now sits at the temporary path
+            return
         old = None
         if self.out.exists():
             old = _fresh_dir(self.out, "old")
@@ -81,15 +92,61 @@ class BundleWriter:
 
 
 def _fresh_dir(out: Path, kind: str) -> Path:
-    """A new hidden sibling of ``out``. Not tempfile.mkdtemp: its 0700 mode would become the bundle's."""
+    """A new hidden sibling of ``out``, named after this process. Not tempfile.mkdtemp: its 0700 mode would
+    become the bundle's."""
     for _ in range(100):
-        path = out.parent / f".{out.name}.{secrets.token_hex(4)}.{kind}"
+        path = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}"
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
     raise OSError(f"cannot create a temporary folder next to {out}")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _recover(out: Path) -> None:
+    """Undo what a killed export left: restore a bundle moved aside (``.old``) when ``out`` is gone, and delete
+    temporary folders of processes that no longer run."""
+    for sibling in sorted(out.parent.glob(f".{out.name}.*")):
+        pid, kind = _owner(sibling, out)
+        if pid is None or _alive(pid):
+            continue
+        if kind == "old" and not out.exists() and (sibling / "bundle" / bundle_mod.MANIFEST).is_file():
+            os.rename(sibling / "bundle", out)
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _owner(path: Path, out: Path) -> tuple[int | None, str]:
+    """(pid, kind) from a name ``.{out.name}.{pid}-{token}.{kind}``, or (None, "") for anything else."""
+    rest = path.name[len(out.name) + 2:]
+    stem, _, kind = rest.rpartition(".")
+    pid = stem.split("-", 1)[0]
+    return (int(pid), kind) if pid.isdigit() and kind in ("partial", "work", "old") else (None, "")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_target(out: Path) -> None:

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -366,12 +365,11 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     io = iospec.components(dims)
     gate = min_component_psnr if min_component_psnr is not None else COMPONENT_GATE_DB.get(recipe, COMPONENT_GATE_OTHER_DB)
     meta = {"qwen_edge.family": dims.family, "qwen_edge.version": qwen_edge.__version__, "qwen_edge.recipe": recipe}
-    with BundleWriter(out) as writer, tempfile.TemporaryDirectory(dir=writer.root.parent,
-                                                                  prefix=f".{writer.out.name}.work.") as work:
+    with BundleWriter(out) as writer:
         entries = {}
         for name, module in modules.items():
             log(f"exporting {name}")
-            entries[name] = _component(writer, Path(work), name, module, io[name], feeds[name], recipe, quantize,
+            entries[name] = _component(writer, writer.work, name, module, io[name], feeds[name], recipe, quantize,
                                        opset, external_data, gate, {**meta, "qwen_edge.component": name})
             log(f"  {name}: {entries[name].fidelity['psnr_db']:.1f} dB vs torch")
         manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries,
