@@ -13,6 +13,7 @@ NumPy-free and torch-free: the device runtime imports it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import IntegrityError
+from .errors import IntegrityError, require
 from .family import FAMILIES
 from .iospec import Dims, IOSpec, dims_from_json
 
@@ -79,19 +80,60 @@ def verify_files(root: Path, files: Mapping[str, str]) -> None:
 
 def external_data_files(model: Path) -> list[str]:
     """Locations of the external-data files an ONNX model refers to (as written in the model), without
-    loading the weights. Needs the ``onnx`` package."""
-    from .errors import require
-
-    onnx = require("onnx", "onnx")
+    loading the weights. Parsed by protobuf (an onnxruntime dependency) against the few ONNX fields involved
+    (:func:`_onnx_subset`), so a device runtime needs no ``onnx`` package (issue 9)."""
+    proto = _onnx_subset()()
     try:
-        proto = onnx.load(str(model), load_external_data=False)
+        proto.ParseFromString(Path(model).read_bytes())
     except Exception as e:  # protobuf raises DecodeError and friends
-        raise IntegrityError(f"{model.name} is not a readable ONNX model: {e}".splitlines()[0]) from None
+        raise IntegrityError(f"{Path(model).name} is not a readable ONNX model: {e}".splitlines()[0]) from None
     found = set()
     for tensor in _tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == _ONNX_EXTERNAL:
             found.update(e.value for e in tensor.external_data if e.key == "location")
     return sorted(found)
+
+
+# The ONNX messages and fields that can hold a tensor, with their numbers from onnx/onnx.proto3 (stable: protobuf
+# field numbers never change). Every other field is skipped by protobuf as unknown. "*" marks a repeated field.
+_ONNX_FIELDS = {
+    "ModelProto": (("graph", 7, "GraphProto"),),
+    "GraphProto": (("node", 1, "*NodeProto"), ("initializer", 5, "*TensorProto"),
+                   ("sparse_initializer", 15, "*SparseTensorProto")),
+    "NodeProto": (("attribute", 5, "*AttributeProto"),),
+    "AttributeProto": (("t", 5, "TensorProto"), ("g", 6, "GraphProto"), ("tensors", 10, "*TensorProto"),
+                       ("graphs", 11, "*GraphProto")),
+    "SparseTensorProto": (("values", 1, "TensorProto"), ("indices", 2, "TensorProto")),
+    "TensorProto": (("external_data", 13, "*StringStringEntryProto"), ("data_location", 14, "int32")),
+    "StringStringEntryProto": (("key", 1, "string"), ("value", 2, "string")),
+}
+_ONNX_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+@functools.cache
+def _onnx_subset():
+    """The ``ModelProto`` class of the :data:`_ONNX_FIELDS` subset, built in a private descriptor pool (no clash
+    with the ``onnx`` package's own classes when both are loaded)."""
+    require("google.protobuf", "runtime")  # one clear line if protobuf (an onnxruntime dependency) is absent
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field_type = descriptor_pb2.FieldDescriptorProto
+    scalars = {"string": field_type.TYPE_STRING, "int32": field_type.TYPE_INT32}
+    file = descriptor_pb2.FileDescriptorProto(name="qwen_edge_onnx_subset.proto", package="qwen_edge_onnx",
+                                              syntax="proto3")
+    for message, fields in _ONNX_FIELDS.items():
+        m = file.message_type.add(name=message)
+        for name, number, kind in fields:
+            label = field_type.LABEL_REPEATED if kind.startswith("*") else field_type.LABEL_OPTIONAL
+            f = m.field.add(name=name, number=number, label=label)
+            kind = kind.lstrip("*")
+            if kind in scalars:
+                f.type = scalars[kind]
+            else:
+                f.type, f.type_name = field_type.TYPE_MESSAGE, f".qwen_edge_onnx.{kind}"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("qwen_edge_onnx.ModelProto"))
 
 
 def _tensors(graph) -> Iterable:
@@ -143,7 +185,7 @@ class Component:
     fidelity: Mapping[str, float] = field(default_factory=dict)
     quant: Mapping = field(default_factory=dict)
     # Core ML: the component's packages, run in order (one, or consecutive chunks of its blocks). Each is
-    # {"file", "inputs", "outputs" (the package's own I/O), "blocks": [start, stop] | null, ...}; see docs/bundle.md.
+    # {"file", "inputs", "outputs" (the package's own I/O), "blocks": [start, stop] | null, ...}; see the schema.
     chunks: tuple[Mapping, ...] = ()
 
     def to_json(self) -> dict:

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import InputError, QwenEdgeError, UsageError
+from .errors import InputError, MissingDependencyError, QwenEdgeError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,16 +160,21 @@ def _export_args(sub) -> None:
                    "(per-block 4-bit; default iOS 17 / macOS 14)")
     p.add_argument("--chunk-limit", help="coreml: split a component whose package would exceed this size at block "
                    "boundaries (default 1GB)")
+    p.add_argument("--ane", action="store_true", help="coreml: 2.1 transformer in its Neural Engine-friendly form "
+                   "(per-head attention, linears as 1x1 convs); same weights, measure it on a Mac")
     p.set_defaults(run=_export)
 
 
 def _export(args) -> int:
+    from .errors import require
+
+    require("torch", "torch")  # every exporter runs the torch model; a device install has none (issue 9)
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     extra = {"prompts": _read_prompts(args.prompts)} if args.prompts else {}
     if args.target == "coreml":
         return _export_coreml(args, components, extra)
-    if args.sizes or args.ios18 or args.chunk_limit:
-        raise UsageError("--sizes, --ios18 and --chunk-limit apply to --target coreml only")
+    if args.sizes or args.ios18 or args.chunk_limit or args.ane:
+        raise UsageError("--sizes, --ios18, --chunk-limit and --ane apply to --target coreml only")
     from qwen_edge.export.onnx import export_bundle
 
     export_bundle(args.out, args.model, target=args.target, quant=args.quant, height=args.height,
@@ -189,7 +194,8 @@ def _export_coreml(args, components: tuple[str, ...], extra: dict) -> int:
     height, width = args.height or (sizes[0][0] if sizes else None), args.width or (sizes[0][1] if sizes else None)
     coreml.export_coreml(args.out, args.model, quant=args.quant or "fp16", height=height, width=width, sizes=sizes,
                          text_len=args.text_len, steps=args.steps, components=components, ios18=args.ios18,
-                         chunk_limit=limit, log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr), **extra)
+                         chunk_limit=limit, ane=args.ane, log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr),
+                         **extra)
     print(args.out)
     return 0
 
@@ -293,6 +299,11 @@ def _expand(args) -> int:
             raise
         print("qwen-edge: note: the embedded default model is not installed: not fitted to a text encoder "
               "(pass --model)", file=sys.stderr)
+    except MissingDependencyError:  # a device install (no torch) cannot read a checkpoint: expand unfitted
+        if args.model is not None:
+            raise
+        print("qwen-edge: note: reading the embedded default model needs pip install 'qwen-edge[torch]': not "
+              "fitted to a text encoder", file=sys.stderr)
     print(_expand_prompt(expander, args.prompt, args.seed, tokenizer, template, echo=False))
     return 0
 

@@ -163,6 +163,15 @@ def components(d: Dims) -> dict[str, IOSpec]:
 # own inputs do not give (modulation, time embedding). Declared here like every other tensor name.
 
 _STEM_INPUTS = {"text_encoder": ("input_ids",), "text_kv": ("text",), "transformer": ("latents", "sigma", "text")}
+_EVOLVING = ("hidden", "text_hidden")  # carry every chunk updates; the rest is made once by the first chunk
+# A chunk returns the carry it updates as ``next_<name>`` and the following chunk reads it as ``<name>``: Core ML
+# forbids one name being both an input and an output of a program.
+NEXT = "next_"
+
+
+def carried(name: str) -> str:
+    """The input name a chunk output feeds in the following chunk (``next_hidden`` -> ``hidden``)."""
+    return name[len(NEXT):] if name.startswith(NEXT) else name
 
 
 def carry(d: Dims, component: str) -> tuple[TensorSpec, ...]:
@@ -184,19 +193,25 @@ def carry(d: Dims, component: str) -> tuple[TensorSpec, ...]:
 def chunk(d: Dims, component: str, start: int, stop: int, blocks: int) -> IOSpec:
     """Blocks ``[start, stop)`` of ``component`` (which has ``blocks`` blocks) as one graph.
 
-    The first chunk takes the component's inputs, later ones the carry in place of the stem's inputs; the last
-    chunk returns the component's outputs, the others the carry. A ``text_kv`` chunk returns the keys/values
-    of its own layers, ``(stop - start, 2, 1, heads, text_len, head_dim)``; concatenated they are ``text_kv``.
+    The first chunk takes the component's inputs, later ones the carry in place of the stem's inputs. The last
+    chunk returns the component's outputs; the others return the carry they update (``next_hidden``, v1's
+    ``next_text_hidden``), and the first also the carry it alone makes (modulation, temb), which every later
+    chunk reads. A ``text_kv`` chunk returns the keys/values of its own layers, ``(stop - start, 2, 1, heads,
+    text_len, head_dim)``; concatenated they are ``text_kv``.
     """
     if not 0 <= start < stop <= blocks:
         raise InputError(f"chunk [{start}, {stop}) is not inside {component}'s {blocks} blocks")
     full, state = components(d)[component], carry(d, component)
-    ins = full.inputs if start == 0 else state + tuple(
-        t for t in full.inputs if t.name not in _STEM_INPUTS[component])
-    outs = full.outputs if stop == blocks else state
+    first, last = start == 0, stop == blocks
+    ins = full.inputs if first else state + tuple(t for t in full.inputs if t.name not in _STEM_INPUTS[component])
+    outs = () if last else tuple(TensorSpec(NEXT + t.name, t.shape, t.dtype) for t in state if t.name in _EVOLVING)
+    if first and not last:
+        outs += tuple(t for t in state if t.name not in _EVOLVING)
     if component == "text_kv":
         kv = full.outputs[0]
-        outs = (TensorSpec(kv.name, (stop - start, *kv.shape[1:])),) + (() if stop == blocks else state)
+        outs = (TensorSpec(kv.name, (stop - start, *kv.shape[1:])), *outs)
+    elif last:
+        outs = full.outputs
     return IOSpec(component, ins, outs)
 
 

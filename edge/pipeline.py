@@ -79,8 +79,11 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model=None, *, lora: str | None = None, lora_scale: float = 1.0) -> Pipeline:
         """A checkpoint directory or cached repo id (None: the embedded default) on the torch runtime."""
+        from .errors import require
         from .spec import default_model
 
+        require("torch", "torch")  # a device install has none: one clear line, not a traceback (issue 9)
+        require("safetensors", "torch")
         from qwen_edge.runtimes.torch import TorchComponents
 
         spec = ModelSpec.from_checkpoint(model if model is not None else default_model())

@@ -42,7 +42,10 @@ class ModelSpec:
 
     @classmethod
     def from_checkpoint(cls, model) -> ModelSpec:
-        from .checkpoint import read_json, resolve  # imports torch: only checkpoints need it, bundles do not
+        from .errors import require
+
+        require("torch", "torch")  # .checkpoint imports torch: only checkpoints need it, bundles do not
+        from .checkpoint import read_json, resolve
 
         root = resolve(model)
         index = read_json(root / "model_index.json")

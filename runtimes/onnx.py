@@ -1,7 +1,8 @@
 """The ONNX Runtime runtime: a bundle's component graphs as pipeline components, on CPU or a Qualcomm NPU.
 
 Only provides callables (:class:`qwen_edge.pipeline.Components`); tokenization, the sampler and image handling
-stay in the pipeline. Imports no torch: a device needs numpy, tokenizers, onnx and onnxruntime.
+stay in the pipeline. Imports no torch and no onnx: a device needs numpy, tokenizers and onnxruntime
+(``pip install 'qwen-edge[runtime]'``).
 
 Two layers:
 
@@ -215,7 +216,7 @@ def physical_cores() -> int:
 def session_options(threads: int | None = None, low_memory: bool = False):
     """ORT options for edge CPUs: sequential execution on the physical cores, all graph optimisations,
     the memory arena on (off with ``low_memory``: the arena keeps freed activations reserved)."""
-    ort = require("onnxruntime", "onnx")
+    ort = require("onnxruntime", "runtime")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1
@@ -238,7 +239,7 @@ def open_session(model: Path, device: str = "cpu", *, cache_dir: Path | None = N
     name = name or Path(model).stem
     if device == "npu":
         return _npu_session(Path(model), name)
-    ort = require("onnxruntime", "onnx")
+    ort = require("onnxruntime", "runtime")
     so = session_options(threads, low_memory)
     if cache_dir is None or cache_key is None:
         return _session(ort, model, so, name)
