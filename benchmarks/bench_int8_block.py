@@ -63,7 +63,6 @@ def example_feeds(spec, seed: int = 0) -> dict[str, np.ndarray]:
 
 def export_block(path: Path, feeds: dict[str, np.ndarray]) -> None:
     import torch
-
     from qwen_edge.export.coreml_chunks import TransformerV1Chunk
     from qwen_edge.export.onnx import export_graph
     from qwen_edge.transformer_v1 import TransformerV1, TransformerV1Config, _Block
@@ -112,7 +111,6 @@ def gemm_gflops(threads: int, m: int = 416, k: int = 3072, n: int = 12288, runs:
     MatMul through the int8 recipe (dynamic u8s8)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
     from qwen_edge.quant import quantize
 
     rng = np.random.default_rng(1)

@@ -8,17 +8,19 @@ the CPU fallback, so a node the NPU cannot run is an error naming it rather than
 - :func:`session`: the session the ONNX runtime opens for ``--device npu``;
 - :func:`prepare`: fp32 ONNX -> w8a16 QDQ (calibrated) -> checked on HTP -> optionally a precompiled
   EPContext model (``ep.context_enable``), what ``export --target qnn`` writes per component;
-- :func:`compile_context`: the EPContext model alone, for a model already quantized.
+- :func:`compile_context`: the EPContext model alone, for a model already quantized;
+- :func:`fuse_for_htp` / :func:`masked_softmax_ranges`: what the ``w8a16`` recipe does to a graph so the
+  HTP backend compiles it and keeps attention precise (each found on the tiny models in emulation).
 """
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
 from qwen_edge.errors import InputError, require
+from qwen_edge.rope import MASKED
 
 EP_NAME = "QNNExecutionProvider"
 BACKENDS = ("htp", "cpu", "gpu")
@@ -63,7 +65,7 @@ def session(model: Path, *, backend: str = "htp", provider_options: dict | None 
     so = session_options(backend=backend, provider_options=provider_options)
     try:
         return ort.InferenceSession(str(model), so)
-    except Exception as e:  # ORT raises its own Fail/EPFail types
+    except _ort_errors() as e:
         if "fallback to CPU EP has been explicitly disabled" in str(e):
             raise InputError(f"{Path(model).name}: the QNN {backend.upper()} backend cannot run "
                              f"{_unsupported(model, backend, provider_options)}") from None
@@ -80,8 +82,12 @@ def compile_context(src: Path, dst: Path, *, backend: str = "htp", embed: bool =
     onnx = require("onnx", "qnn")
     so = session_options(backend=backend, provider_options=provider_options)
     try:
-        ort.ModelCompiler(so, str(src), embed_compiled_data_into_model=embed).compile_to_file(str(dst))
-    except Exception as e:
+        # The compiler skips ORT's graph optimisations by default; the QDQ node-unit clean-up among the basic
+        # ones is what lets HTP finalize the graph (as a session's default level does).
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        compiler = ort.ModelCompiler(so, str(src), embed_compiled_data_into_model=embed, graph_optimization_level=level)
+        compiler.compile_to_file(str(dst))
+    except _ort_errors() as e:
         raise InputError(f"{Path(src).name}: QNN context compilation failed ({_first_line(e)})") from None
     binaries = []  # EPContext nodes name their context binary when it is not embedded (embed_mode 0)
     for node in onnx.load(str(dst), load_external_data=False).graph.node:
@@ -102,18 +108,181 @@ def prepare(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], *, c
     under ``context_files``. Returns :func:`qwen_edge.quant.quantize`'s facts plus these.
     """
     from qwen_edge.quant import quantize
-    from qwen_edge.quant.sensitivity import outputs, psnr
+    from qwen_edge.quant.sensitivity import outputs, worst_psnr
 
     facts = quantize(component, Path(src), Path(dst), "w8a16", calibration)
     feeds = calibration[:check_feeds]
     sess = session(Path(dst), backend=backend)
-    got = np.concatenate([sess.run(None, f)[0].astype(np.float64).ravel() for f in feeds])
-    value = psnr(outputs(Path(src), feeds), got)
-    facts.update(device=f"QNN {backend.upper()}", npu_psnr_db=round(value, 2) if math.isfinite(value) else 999.0)
+    got = [sess.run(None, f)[0] for f in feeds]
+    facts.update(device=f"QNN {backend.upper()}", npu_psnr_db=worst_psnr(outputs(Path(src), feeds), got))
     if context:
         ctx = Path(dst).with_name(Path(dst).stem + ".ctx.onnx")
         facts["context_files"] = [p.name for p in compile_context(Path(dst), ctx, backend=backend)]
     return facts
+
+
+# -- graph preparation for the HTP backend (used by the w8a16 recipe) ---------------------------------------
+
+MASK_FLOOR = -1e4  # attention logits below this are masks, not data
+MASK_MARGIN = 30.0  # nats below the smallest real logit where masked logits saturate
+
+
+def fuse_for_htp(model) -> int:
+    """Rewrite, in place, the decomposed norms the HTP backend runs wrongly or not at all into the fused ops
+    it runs natively (:func:`fuse_lp_norms`, :func:`fuse_rms_norms`). Returns the number of fusions."""
+    return fuse_lp_norms(model) + fuse_rms_norms(model)
+
+
+def masked_softmax_ranges(path: Path, feeds, tmp: Path) -> dict | None:
+    """Quantization ranges for attention logits that carry a mask, and for the masks themselves.
+
+    A mask adds -65504 (or float32's lowest) to forbidden logits; min/max calibration would spread the
+    16-bit grid of the Softmax input over [-65504, max], a step of ~1 nat: attention would run on logits
+    rounded to integers (the tiny text encoder falls to ~18 dB). The Softmax input's range is instead the
+    real logits' (values above :data:`MASK_FLOOR`) widened by :data:`MASK_MARGIN` below: masked logits
+    saturate there, keeping a weight of at most e**-30 against any real key. The mask operand of the Add
+    before the Softmax is clamped to [-65504, 0] (float32's lowest as a 16-bit grid's end has a scale of
+    1e33, which the HTP backend refuses to compile).
+    """
+    onnx = require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    logits = sorted({n.input[0] for n in graph.node if n.op_type == "Softmax"})
+    operands = sorted({x for name in logits if (p := producer.get(name)) is not None and p.op_type == "Add"
+                       for x in p.input})
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in operands}
+    stats = _ranges(model, [n for n in logits + operands if n not in consts], feeds, tmp)
+    for name, value in consts.items():
+        stats[name] = _range(value)
+    overrides = {}
+    for name, (lo, hi, masked) in stats.items():
+        if not masked or not np.isfinite(lo):
+            continue
+        rmin = lo - MASK_MARGIN if name in logits else MASKED
+        overrides[name] = [{"rmin": np.array(rmin, np.float32), "rmax": np.array(max(hi, 0.0), np.float32)}]
+    return overrides or None
+
+
+def _ranges(model, names: list[str], feeds, tmp: Path) -> dict[str, tuple[float, float, bool]]:
+    """(min, max) over the unmasked values of tensors ``names`` on ``feeds``, and whether any was masked."""
+    onnx = require("onnx", "onnx")
+    ort = require("onnxruntime", "onnx")
+    from qwen_edge.quant.recipes import save
+
+    if not names:
+        return {}
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    probe = tmp / "softmax_probe.onnx"
+    save(model, probe)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
+    stats: dict[str, tuple[float, float, bool]] = {}
+    for feed in feeds:
+        for name, value in zip(names, sess.run(names, feed)):
+            lo, hi, masked = _range(value)
+            old = stats.get(name, (np.inf, -np.inf, False))
+            stats[name] = (min(old[0], lo), max(old[1], hi), old[2] or masked)
+    probe.unlink()
+    return stats
+
+
+def _range(value: np.ndarray) -> tuple[float, float, bool]:
+    real = value[value > MASK_FLOOR]
+    if not real.size:
+        return np.inf, -np.inf, value.size > 0
+    return float(real.min()), float(real.max()), real.size < value.size
+
+
+def fuse_rms_norms(model) -> int:
+    """Fuse decomposed RMSNorms (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: ``ops.rms_norm`` as
+    exported) into ``SimplifiedLayerNormalization`` with ORT's own transformer fusion, in place. The QNN EP
+    runs it as HTP's RmsNorm; the decomposed 16-bit Reciprocal loses the text encoders on HTP (~17 dB
+    where ORT's CPU QDQ reference gives ~45). Returns the number of fusions."""
+    require("onnxruntime.transformers", "onnx")
+    from onnxruntime.transformers.fusion_simplified_layernorm import (
+        FusionSimplifiedLayerNormalization,
+    )
+    from onnxruntime.transformers.onnx_model import OnnxModel
+    from qwen_edge.quant.recipes import quiet
+
+    before = sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node)
+    wrapped = OnnxModel(model)
+    with quiet():
+        FusionSimplifiedLayerNormalization(wrapped).apply()
+        wrapped.prune_graph()
+    return sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node) - before
+
+
+def _lp_norm_last_axis(onnx, div, axis: int, rank: int | None) -> list:
+    """LpNormalization over ``axis`` as the HTP backend runs it right: over the last axis. A channel axis
+    is moved last and back with two Transposes (the EP's NHWC layout then cancels them); ORT's QNN EP
+    mis-lays out LpNormalization(axis=1) after a Conv (the tiny VAE decoder fell to 18 dB)."""
+    name, x, y = div.name + "_lpnorm", div.input[0], div.output[0]
+    if rank is None or axis in (-1, rank - 1):
+        return [onnx.helper.make_node("LpNormalization", [x], [y], name=name, axis=-1, p=2)]
+    axis %= rank
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    back = [perm.index(d) for d in range(rank)]
+    return [onnx.helper.make_node("Transpose", [x], [name + "_in"], name=name + "_to_last", perm=perm),
+            onnx.helper.make_node("LpNormalization", [name + "_in"], [name + "_out"], name=name, axis=-1, p=2),
+            onnx.helper.make_node("Transpose", [name + "_out"], [y], name=name + "_back", perm=back)]
+
+
+def fuse_lp_norms(model) -> int:
+    """Fuse ``x / max(ReduceL2(x, axis), eps)`` (``F.normalize``, the VAE's RMS norm over channels) into
+    ``LpNormalization(x, axis, p=2)``. ORT's QNN pre-processing fuses this pattern on the last axis only;
+    the VAE normalises axis 1, and the HTP backend fails to compile the unfused 16-bit broadcasting Div.
+    Same result: both give 0 for an all-zero vector. Returns the number of fusions."""
+    onnx = require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < (1 << 31) - 1 else model
+    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.graph.value_info) + list(graph.input)}
+    uses = Counter(x for n in graph.node for x in n.input) + Counter(o.name for o in graph.output)
+
+    def const(name):
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    fused = 0
+    for div in [n for n in graph.node if n.op_type == "Div"]:
+        chain, node = [], producer.get(div.input[1])
+        if node is not None and node.op_type == "Expand":
+            chain, node = [node], producer.get(node.input[0])
+        if node is None or node.op_type != "Clip" or len(node.input) < 2 or (len(node.input) > 2 and node.input[2]):
+            continue
+        eps, red = const(node.input[1]), producer.get(node.input[0])
+        if eps is None or not 0 < float(eps) <= 1e-6 or red is None or red.op_type != "ReduceL2":
+            continue
+        axes = const(red.input[1]) if len(red.input) > 1 else None
+        keep = next((a.i for a in red.attribute if a.name == "keepdims"), 1)
+        inner = [red, node, *chain]
+        if red.input[0] != div.input[0] or axes is None or axes.size != 1 or not keep or \
+                any(uses[n.output[0]] != 1 for n in inner):
+            continue
+        at = list(graph.node).index(div)
+        for k, node in enumerate(_lp_norm_last_axis(onnx, div, int(axes.ravel()[0]), shapes.get(div.input[0]))):
+            graph.node.insert(at + k, node)
+        for n in [*inner, div]:
+            graph.node.remove(n)
+        fused += 1
+    return fused
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (they derive from Exception, not RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException", "InvalidProtobuf",
+             "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail", "NotFound")
+    return (RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
 
 
 def _devices(ort) -> list:

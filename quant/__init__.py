@@ -9,10 +9,10 @@ the torch pipeline's real inputs to each component along the sampler's trajector
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
-
 from qwen_edge.errors import InputError, IntegrityError
 
 RECIPES = ("fp16", "int8", "int4", "w8a16", "mixed")
@@ -29,8 +29,9 @@ def quantize(component: str, src: Path, dst: Path, recipe: str,
     (required by ``w8a16`` and ``mixed``; ``int8`` uses them for static convolutions). ``block_size``:
     int4 block (32, 64 or 128); ``target_psnr``: the ``mixed`` recipe's goal in dB. Returns the facts
     for the manifest: recipe, tool versions, what was quantized how, op counts, bytes before/after, the
-    files written (``dst`` and any external data) and, with calibration, the output PSNR vs fp32 on up
-    to :data:`EVAL_FEEDS` feeds. ``dst`` is written whole or not at all.
+    files written (``dst`` and any external data) and, with calibration, ``psnr_db``: the output PSNR vs
+    fp32 on up to :data:`EVAL_FEEDS` feeds (worst feed, peak = the largest fp32 magnitude, as the
+    exporter's parity gate). An existing ``dst`` is replaced; on failure nothing is left at ``dst``.
     """
     import onnxruntime as ort
 
@@ -39,6 +40,7 @@ def quantize(component: str, src: Path, dst: Path, recipe: str,
     src, dst = Path(src), Path(dst)
     _check(component, src, dst, recipe, calibration)
     opts = recipes.Options(block_size=block_size, target_psnr=target_psnr, reduce_range=reduce_range)
+    _remove(dst)  # onnx appends external data to an existing file: start from nothing
     run = sensitivity.mixed if recipe == "mixed" else getattr(recipes, recipe)
     try:
         facts = run(component, src, dst, calibration, opts)
@@ -61,12 +63,24 @@ def _check(component: str, src: Path, dst: Path, recipe: str, calibration) -> No
         raise InputError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")
     if not src.is_file():
         raise IntegrityError(f"{src} does not exist")
+    _readable(src)
     if src.resolve() == dst.resolve():
         raise InputError(f"quantize would overwrite its source {src}; write to another file")
     if not dst.parent.is_dir():
         raise InputError(f"output folder {dst.parent} does not exist")
     if recipe in NEEDS_CALIBRATION and not calibration:
         raise InputError(f"the {recipe} recipe needs calibration feeds (qwen_edge.quant.calibrate.record)")
+
+
+def _readable(path: Path) -> None:
+    """Refuse a file that is not an ONNX model (its graph parses; external data is not read)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:
+        raise IntegrityError(f"{path} is not a readable ONNX model ({e})") from None
 
 
 def _sizes(src: Path, dst: Path) -> dict:
@@ -87,13 +101,14 @@ def _quant_ops(dst: Path) -> dict[str, int]:
 
 
 def _remove(dst: Path) -> None:
+    """Delete ``dst``, the external data it references and the data file a recipe would write next to it."""
+    from google.protobuf.message import DecodeError
+
     from .recipes import files_of
 
-    if not dst.exists():
-        return
-    try:
-        extra = files_of(dst)[1:]
-    except Exception:  # a half-written model may not even parse: drop what we can
-        extra = []
+    extra = [dst.with_name(dst.name + ".data")]
+    if dst.exists():
+        with contextlib.suppress(DecodeError, OSError, ValueError, IntegrityError):  # half-written: drop what we can
+            extra += files_of(dst)[1:]
     for f in [dst, *extra]:
         f.unlink(missing_ok=True)

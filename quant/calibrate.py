@@ -22,7 +22,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-
 from qwen_edge import iospec
 from qwen_edge.errors import InputError
 from qwen_edge.spec import ModelSpec

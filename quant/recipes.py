@@ -18,7 +18,8 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
   VAE components take the ``int8`` recipe (the issue: "VAE stays int8").
 - ``w8a16``: static QDQ for the QNN HTP backend through ``onnxruntime.quantization.execution_providers.qnn``
   (``qnn_preprocess_model``, ``get_qnn_qdq_config``): per-tensor uint8 weights, uint16 activations
-  calibrated on recorded sampler trajectories (:func:`qwen_edge.quant.calibrate.record`).
+  calibrated on recorded sampler trajectories (:func:`qwen_edge.quant.calibrate.record`); the graph
+  fusions and mask ranges the HTP backend needs are in :mod:`qwen_edge.export.qnn`.
 - ``mixed`` lives in :mod:`qwen_edge.quant.sensitivity`.
 """
 
@@ -32,15 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from qwen_edge.errors import InputError, IntegrityError, require
-from qwen_edge.rope import MASKED
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 COMPONENTS = ("text_encoder", "text_kv", "transformer") + VAE_COMPONENTS
 BLOCK_SIZES = (32, 64, 128)
-MASK_FLOOR = -1e4  # attention logits below this are masks, not data
-MASK_MARGIN = 30.0  # nats below the smallest real logit where masked logits saturate (w8a16)
 # Above this the protobuf limit (2 GB) is near: weights go to an external data file next to the model.
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -67,7 +64,8 @@ class Options:
 
     def __post_init__(self):
         if self.block_size not in BLOCK_SIZES:
-            raise InputError(f"int4 block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+            sizes = ", ".join(map(str, BLOCK_SIZES))
+            raise InputError(f"int4 block size must be one of {sizes}, got {self.block_size}")
 
 
 # -- the recipes --------------------------------------------------------------------------------------------
@@ -188,6 +186,8 @@ def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
     q = require("onnxruntime.quantization", "qnn")
     qnn = require("onnxruntime.quantization.execution_providers.qnn", "qnn")
     check_static(src)
+    from qwen_edge.export.qnn import MASK_MARGIN, fuse_for_htp, masked_softmax_ranges
+
     from .calibrate import reader
 
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, quiet():
@@ -197,7 +197,7 @@ def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
         # when there is nothing to change.
         staged = pre if qnn.qnn_preprocess_model(str(src), str(pre), save_as_external_data=large) else src
         model = onnx.load(str(staged))
-        if fuse_lp_norms(model) + fuse_rms_norms(model):
+        if fuse_for_htp(model):
             staged = Path(tmp) / "fused.onnx"
             save(model, staged)
         overrides = masked_softmax_ranges(staged, calibration, Path(tmp))
@@ -210,144 +210,6 @@ def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
             "calibration_feeds": len(calibration), "target": "QNN HTP (Qualcomm w8a16)",
             "masked_softmax_inputs": len(overrides or {}),
             "softmax_mask_margin": MASK_MARGIN}
-
-
-def masked_softmax_ranges(path: Path, feeds, tmp: Path) -> dict | None:
-    """Quantization ranges for attention logits that carry a mask, and for the masks themselves.
-
-    A mask adds -65504 (or float32's lowest) to forbidden logits; min/max calibration would spread the
-    16-bit grid of the Softmax input over [-65504, max], a step of ~1 nat: attention would run on logits
-    rounded to integers (the tiny text encoder falls to ~18 dB). The Softmax input's range is instead the
-    real logits' (values above :data:`MASK_FLOOR`) widened by :data:`MASK_MARGIN` below: masked logits
-    saturate there, keeping a weight of at most e**-30 against any real key. The mask operand of the Add
-    before the Softmax is clamped to [-65504, 0] (float32's lowest as a 16-bit grid's end has a scale of
-    1e33, which the HTP backend refuses to compile).
-    """
-    onnx = require("onnx", "onnx")
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    logits = sorted({n.input[0] for n in graph.node if n.op_type == "Softmax"})
-    operands = sorted({x for name in logits if (p := producer.get(name)) is not None and p.op_type == "Add"
-                       for x in p.input})
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in operands}
-    stats = _ranges(model, [n for n in logits + operands if n not in consts], feeds, tmp)
-    for name, value in consts.items():
-        stats[name] = _range(value)
-    overrides = {}
-    for name, (lo, hi, masked) in stats.items():
-        if not masked or not np.isfinite(lo):
-            continue
-        rmin = lo - MASK_MARGIN if name in logits else MASKED
-        overrides[name] = [{"rmin": np.array(rmin, np.float32), "rmax": np.array(max(hi, 0.0), np.float32)}]
-    return overrides or None
-
-
-def _ranges(model, names: list[str], feeds, tmp: Path) -> dict[str, tuple[float, float, bool]]:
-    """(min, max) over the unmasked values of tensors ``names`` on ``feeds``, and whether any was masked."""
-    onnx = require("onnx", "onnx")
-    ort = require("onnxruntime", "onnx")
-    if not names:
-        return {}
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    probe = tmp / "softmax_probe.onnx"
-    save(model, probe)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
-    stats: dict[str, tuple[float, float, bool]] = {}
-    for feed in feeds:
-        for name, value in zip(names, sess.run(names, feed)):
-            lo, hi, masked = _range(value)
-            old = stats.get(name, (np.inf, -np.inf, False))
-            stats[name] = (min(old[0], lo), max(old[1], hi), old[2] or masked)
-    probe.unlink()
-    return stats
-
-
-def _range(value: np.ndarray) -> tuple[float, float, bool]:
-    real = value[value > MASK_FLOOR]
-    if not real.size:
-        return np.inf, -np.inf, value.size > 0
-    return float(real.min()), float(real.max()), real.size < value.size
-
-
-def fuse_rms_norms(model) -> int:
-    """Fuse decomposed RMSNorms (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: ``ops.rms_norm`` as
-    exported) into ``SimplifiedLayerNormalization`` with ORT's own transformer fusion, in place. The QNN EP
-    runs it as HTP's RmsNorm; the decomposed 16-bit Reciprocal loses the text encoders on HTP (~17 dB
-    where ORT's CPU QDQ reference gives ~45). Returns the number of fusions."""
-    require("onnxruntime.transformers", "onnx")
-    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    before = sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node)
-    wrapped = OnnxModel(model)
-    with quiet():
-        FusionSimplifiedLayerNormalization(wrapped).apply()
-        wrapped.prune_graph()
-    return sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node) - before
-
-
-def _lp_norm_last_axis(onnx, div, axis: int, rank: int | None) -> list:
-    """LpNormalization over ``axis`` as the HTP backend runs it right: over the last axis. A channel axis
-    is moved last and back with two Transposes (the EP's NHWC layout then cancels them); ORT's QNN EP
-    mis-lays out LpNormalization(axis=1) after a Conv (the tiny VAE decoder fell to 18 dB)."""
-    name, x, y = div.name + "_lpnorm", div.input[0], div.output[0]
-    if rank is None or axis in (-1, rank - 1):
-        return [onnx.helper.make_node("LpNormalization", [x], [y], name=name, axis=-1, p=2)]
-    axis %= rank
-    perm = [d for d in range(rank) if d != axis] + [axis]
-    back = [perm.index(d) for d in range(rank)]
-    return [onnx.helper.make_node("Transpose", [x], [name + "_in"], name=name + "_to_last", perm=perm),
-            onnx.helper.make_node("LpNormalization", [name + "_in"], [name + "_out"], name=name, axis=-1, p=2),
-            onnx.helper.make_node("Transpose", [name + "_out"], [y], name=name + "_back", perm=back)]
-
-
-def fuse_lp_norms(model) -> int:
-    """Fuse ``x / max(ReduceL2(x, axis), eps)`` (``F.normalize``, the VAE's RMS norm over channels) into
-    ``LpNormalization(x, axis, p=2)``. ORT's QNN pre-processing fuses this pattern on the last axis only;
-    the VAE normalises axis 1, and the HTP backend fails to compile the unfused 16-bit broadcasting Div.
-    Same result: both give 0 for an all-zero vector. Returns the number of fusions."""
-    onnx = require("onnx", "onnx")
-    from onnx import numpy_helper
-
-    graph = model.graph
-    consts = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < (1 << 31) - 1 else model
-    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.graph.value_info) + list(graph.input)}
-    uses = Counter(x for n in graph.node for x in n.input) + Counter(o.name for o in graph.output)
-
-    def const(name):
-        return numpy_helper.to_array(consts[name]) if name in consts else None
-
-    fused = 0
-    for div in [n for n in graph.node if n.op_type == "Div"]:
-        chain, node = [], producer.get(div.input[1])
-        if node is not None and node.op_type == "Expand":
-            chain, node = [node], producer.get(node.input[0])
-        if node is None or node.op_type != "Clip" or len(node.input) < 2 or (len(node.input) > 2 and node.input[2]):
-            continue
-        eps, red = const(node.input[1]), producer.get(node.input[0])
-        if eps is None or not 0 < float(eps) <= 1e-6 or red is None or red.op_type != "ReduceL2":
-            continue
-        axes = const(red.input[1]) if len(red.input) > 1 else None
-        keep = next((a.i for a in red.attribute if a.name == "keepdims"), 1)
-        inner = [red, node, *chain]
-        if red.input[0] != div.input[0] or axes is None or axes.size != 1 or not keep or \
-                any(uses[n.output[0]] != 1 for n in inner):
-            continue
-        at = list(graph.node).index(div)
-        for k, node in enumerate(_lp_norm_last_axis(onnx, div, int(axes.ravel()[0]), shapes.get(div.input[0]))):
-            graph.node.insert(at + k, node)
-        for n in [*inner, div]:
-            graph.node.remove(n)
-        fused += 1
-    return fused
 
 
 # -- ONNX Runtime tool wrappers shared with the mixed recipe ------------------------------------------------
@@ -372,7 +234,8 @@ def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = 
 
     op_types = ("MatMul", "Gather")
     # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
-    exclude = [] if nodes is None else [n.name for n in model.graph.node if n.op_type in op_types and n.name not in nodes]
+    others = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in (nodes or ())]
+    exclude = [] if nodes is None else others
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
                                      nodes_to_exclude=exclude, op_types_to_quantize=op_types,
                                      quant_axes=(("MatMul", 0), ("Gather", 1)))

@@ -1,12 +1,17 @@
 """Fidelity of a quantized model, and the ``mixed`` recipe built on per-layer sensitivity.
 
-``mixed`` answers "which layers can be 4-bit?" by measurement rather than by rule: each weight layer (MatMul
-weights, embedding tables) is quantized alone (to int4, then to int8) and the component's output error on recorded calibration feeds
-is measured; errors of independently quantized layers add (in mean-squared error), so a greedy plan
-promotes the layers with the most error removed per byte added until the predicted PSNR meets the
-target, then builds the model with ORT's quantizers (``MatMulNBits`` for int4 layers, ``quantize_dynamic``
-for int8 layers, fp32 for the rest), measures it, and keeps promoting if the measurement falls short.
-Cost: two quantize-and-run passes per layer, over the calibration feeds given.
+PSNR here is the exporter's parity figure (:func:`qwen_edge.export.onnx.fidelity`): peak = the fp32
+output's largest magnitude, worst case over the feeds. So a ``mixed`` target means what the manifest's
+per-component figure means.
+
+``mixed`` answers "which layers can be 4-bit?" by measurement rather than by rule: each weight layer
+(MatMul weights, embedding tables) is quantized alone, to int4 and to int8, and the component's output
+error on the recorded calibration feeds is measured. Errors of independently quantized layers add (in
+mean-squared error), so a greedy plan promotes the layer whose next precision removes the most error per
+byte added until every feed's predicted PSNR meets the target; the model is then built with ORT's
+quantizers (``MatMulNBits``/``GatherBlockQuantized`` for int4, ``quantize_dynamic`` for int8, fp32 for the
+rest) and measured, and promotion continues while the measurement falls short. Cost: two quantize-and-run
+passes per layer over the calibration feeds.
 """
 
 from __future__ import annotations
@@ -17,41 +22,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from qwen_edge.errors import NumericalError, require
 
 LEVELS = ("int4", "int8", "fp32")  # cheapest first
+Feeds = list[dict[str, np.ndarray]]
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """PSNR in dB of ``test`` against ``reference``, the peak being the reference's range (max - min)."""
+    """PSNR in dB of ``test`` against ``reference``, the peak being the reference's largest magnitude."""
     ref, x = np.asarray(reference, np.float64), np.asarray(test, np.float64)
     mse = float(np.mean((ref - x) ** 2))
-    peak = float(ref.max() - ref.min()) or 1.0
+    peak = float(np.abs(ref).max()) or 1.0
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-def outputs(model: Path | bytes, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """The first output of ``model`` on each feed (CPU EP), concatenated flat in float64."""
+def outputs(model: Path | bytes, feeds: Feeds) -> list[np.ndarray]:
+    """The first output of ``model`` on each feed (CPU EP), in float64."""
     ort = require("onnxruntime", "onnx")
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, f)[0].astype(np.float64).ravel() for f in feeds])
+    source = str(model) if isinstance(model, Path) else model
+    sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return [sess.run(None, f)[0].astype(np.float64) for f in feeds]
 
 
-def psnr_of(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> float:
-    """Output PSNR (dB) of the quantized ``dst`` vs the fp32 ``src`` on ``feeds``, rounded to 0.01 dB."""
-    value = psnr(outputs(src, feeds), outputs(dst, feeds))
+def worst_psnr(refs: list[np.ndarray], tests: list[np.ndarray]) -> float:
+    """The lowest per-feed PSNR, rounded to 0.01 dB (999 when identical)."""
+    value = min(psnr(r, t) for r, t in zip(refs, tests))
     return round(value, 2) if math.isfinite(value) else 999.0
+
+
+def psnr_of(src: Path, dst: Path, feeds: Feeds) -> float:
+    """Worst-case output PSNR (dB) of the quantized ``dst`` vs the fp32 ``src`` over ``feeds``."""
+    return worst_psnr(outputs(src, feeds), outputs(dst, feeds))
 
 
 @dataclass
 class _Layer:
     node: str  # MatMul/Gather node name in the canonical (Gemm-free) model
     label: str  # the torch module it came from, when the exporter recorded it
-    shape: tuple[int, int]  # (K, N)
-    mse: dict[str, float]  # output MSE with only this layer quantized, per level
+    shape: tuple[int, int]  # (K, N) of a MatMul weight, (rows, width) of an embedding table
+    mse: dict[str, np.ndarray]  # per-feed output MSE with only this layer quantized, per level
 
     def bytes(self, level: str, block_size: int) -> float:
         k, n = self.shape
@@ -62,7 +73,7 @@ class _Layer:
         return k * n * 4
 
 
-def mixed(component: str, src: Path, dst: Path, calibration, opts) -> dict:
+def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dict:
     """Per-layer precision (int4 / int8 / fp32) meeting ``opts.target_psnr`` at the smallest size."""
     from . import recipes
 
@@ -71,64 +82,64 @@ def mixed(component: str, src: Path, dst: Path, calibration, opts) -> dict:
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         base = Path(tmp) / "canonical.onnx"
         recipes.save(recipes.canonical(src), base)
-        ref = outputs(base, calibration)
-        peak2 = float(ref.max() - ref.min()) ** 2 or 1.0
-        layers = _grade(base, calibration, ref, opts.block_size, Path(tmp))
+        refs = outputs(base, calibration)
+        budget = np.array([np.abs(r).max() ** 2 for r in refs]) / 10 ** (opts.target_psnr / 10)  # MSE per feed
+        layers = _grade(base, calibration, refs, opts.block_size, Path(tmp))
         plan = {layer.node: "int4" for layer in layers}
-        slack = 0.0
+        scale, missed = 1.0, False
         while True:
-            _promote(layers, plan, peak2, opts, slack)
+            _promote(layers, plan, budget / scale, opts.block_size, force=missed)
             _build(base, plan, dst, opts.block_size)
-            measured = psnr(ref, outputs(dst, calibration))
+            measured = worst_psnr(refs, outputs(dst, calibration))
             if measured >= opts.target_psnr or all(v == "fp32" for v in plan.values()):
                 break
-            slack += opts.target_psnr - measured  # the additive error model was optimistic: ask for more
+            scale *= 10 ** ((opts.target_psnr - measured) / 10) * 1.05  # the additive model was optimistic
+            missed = True
     if measured < opts.target_psnr:
         raise NumericalError(f"{component}: mixed precision cannot reach {opts.target_psnr} dB even in fp32 "
                              f"({measured:.1f} dB)")
     counts = {level: sum(1 for v in plan.values() if v == level) for level in LEVELS}
-    return {"weights": "per layer: int4 (MatMulNBits, GatherBlockQuantized) / int8 (dynamic) / fp32", "target_psnr": opts.target_psnr,
-            "psnr_db": round(measured, 2) if math.isfinite(measured) else 999.0, "layer_counts": counts,
+    return {"weights": "per layer: int4 (MatMulNBits, GatherBlockQuantized) / int8 (dynamic) / fp32",
+            "target_psnr": opts.target_psnr, "psnr_db": measured, "layer_counts": counts,
             "layers": {layer.label: plan[layer.node] for layer in layers}, "block_size": opts.block_size}
 
 
-def _grade(base: Path, feeds, ref: np.ndarray, block_size: int, tmp: Path) -> list[_Layer]:
-    """Each weight layer's output MSE when it alone is quantized, at int4 and at int8."""
+def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int, tmp: Path) -> list[_Layer]:
+    """Each weight layer's per-feed output MSE when it alone is quantized, at int4 and at int8."""
     layers = _weight_layers(base)
     probe = tmp / "probe.onnx"
     for layer in layers:
         for level in ("int4", "int8"):
             _build(base, {layer.node: level}, probe, block_size)
-            layer.mse[level] = float(np.mean((outputs(probe, feeds) - ref) ** 2))
-        layer.mse["fp32"] = 0.0
+            layer.mse[level] = np.array([np.mean((o - r) ** 2) for o, r in zip(outputs(probe, feeds), refs)])
+        layer.mse["fp32"] = np.zeros(len(refs))
     return layers
 
 
-def _promote(layers: list[_Layer], plan: dict[str, str], peak2: float, opts, slack: float) -> None:
-    """Greedy: raise the layer whose next level removes the most predicted MSE per added byte, until the
-    predicted PSNR meets the target (plus ``slack`` dB, the last build's shortfall, after a miss)."""
-    goal = peak2 / 10 ** ((opts.target_psnr + max(slack, 0.0)) / 10)  # the MSE budget
+def _promote(layers: list[_Layer], plan: dict[str, str], budget: np.ndarray, block_size: int,
+             force: bool = False) -> None:
+    """Greedy: while some feed's predicted MSE exceeds its budget, raise the layer whose next level removes
+    the most (budget-relative) error per added byte. ``force``: promote at least once (the last build
+    missed the target although the prediction met it)."""
     by_node = {layer.node: layer for layer in layers}
 
-    def total() -> float:
-        return sum(by_node[n].mse[level] for n, level in plan.items())
+    def over() -> bool:
+        return bool(np.any(sum(by_node[n].mse[level] for n, level in plan.items()) > budget))
 
-    promoted_any = False
-    while total() > goal or (slack > 0 and not promoted_any):
-        best, best_gain = None, 0.0
+    while over() or force:
+        force = False
+        best, best_gain = None, -1.0
         for n, level in plan.items():
             if level == "fp32":
                 continue
-            up = LEVELS[LEVELS.index(level) + 1]
-            layer = by_node[n]
-            gain = (layer.mse[level] - layer.mse[up]) / max(layer.bytes(up, opts.block_size) -
-                                                           layer.bytes(level, opts.block_size), 1.0)
-            if best is None or gain > best_gain:
+            up, layer = LEVELS[LEVELS.index(level) + 1], by_node[n]
+            added = max(layer.bytes(up, block_size) - layer.bytes(level, block_size), 1.0)
+            gain = float(np.sum((layer.mse[level] - layer.mse[up]) / budget)) / added
+            if gain > best_gain:
                 best, best_gain = n, gain
         if best is None:
             return
         plan[best] = LEVELS[LEVELS.index(plan[best]) + 1]
-        promoted_any = True
 
 
 def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int) -> None:

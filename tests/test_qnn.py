@@ -1,0 +1,116 @@
+"""The Qualcomm NPU path on the real QNN HTP backend, in emulation on this x86 Linux machine.
+
+w8a16 QDQ graphs of the tiny v1 transformer and VAE decoder, calibrated on the torch pipeline's own
+trajectory, run on the QNN execution provider's HTP backend with the CPU fallback disabled (so every node
+really runs on the "NPU"); a node the backend cannot run is an error that names it.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime_qnn")
+
+from qwen_edge import iospec
+from qwen_edge.errors import InputError
+from qwen_edge.export import qnn
+from qwen_edge.quant import calibrate
+from qwen_edge.quant.sensitivity import outputs, worst_psnr
+
+SIZE, STEPS, TEXT_LEN = 64, 4, 24
+
+
+@pytest.fixture(scope="module")
+def v1(tiny_v1, tmp_path_factory):
+    from qwen_edge.export.onnx import export_graph, graphs
+    from qwen_edge.runtimes.torch import TorchComponents
+    from qwen_edge.spec import ModelSpec
+
+    spec = ModelSpec.from_checkpoint(tiny_v1)
+    tc = TorchComponents(spec)
+    feeds = calibrate.record(tc, spec, ["a red circle above a blue square"], SIZE, SIZE, STEPS, TEXT_LEN)
+    dims = iospec.dims_from_checkpoint(spec, SIZE, SIZE, TEXT_LEN)
+    io, folder, paths = iospec.components(dims), tmp_path_factory.mktemp("qnn_v1"), {}
+    for name, module in graphs(spec, tc, ["transformer", "vae_decoder"]).items():
+        paths[name] = folder / f"{name}.onnx"
+        export_graph(module, io[name], feeds[name][0], paths[name])
+    return SimpleNamespace(feeds=feeds, paths=paths, dir=folder)
+
+
+@pytest.fixture(scope="module")
+def transformer_w8a16(v1):
+    dst = v1.dir / "transformer_w8a16.onnx"
+    facts = qnn.prepare(v1.paths["transformer"], dst, v1.feeds["transformer"], component="transformer", context=True)
+    return dst, facts
+
+
+def test_w8a16_transformer_runs_on_htp(v1, transformer_w8a16):
+    dst, facts = transformer_w8a16
+    assert facts["device"] == "QNN HTP" and facts["npu_psnr_db"] >= 28, facts["npu_psnr_db"]  # the issue's w8a16 bar
+    sess = qnn.session(dst)
+    assert sess.get_providers()[0] == qnn.EP_NAME
+    feeds = v1.feeds["transformer"][1:]  # later steps' latents, not the one checked by prepare
+    got = [sess.run(None, f)[0] for f in feeds]
+    assert worst_psnr(outputs(v1.paths["transformer"], feeds), got) >= 28
+
+
+def test_w8a16_vae_decoder_runs_on_htp(v1):
+    dst = v1.dir / "vae_decoder_w8a16.onnx"
+    facts = qnn.prepare(v1.paths["vae_decoder"], dst, v1.feeds["vae_decoder"], component="vae_decoder")
+    assert facts["npu_psnr_db"] >= 30, facts["npu_psnr_db"]
+
+
+def test_precompiled_context_model(v1, transformer_w8a16):
+    dst, facts = transformer_w8a16
+    files = [v1.dir / f for f in facts["context_files"]]
+    assert len(files) == 2 and all(f.is_file() for f in files)  # the EPContext model and its QNN binary
+    feed = v1.feeds["transformer"][0]
+    want = qnn.session(dst).run(None, feed)[0]
+    got = qnn.session(files[0]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+
+
+def test_unsupported_node_is_an_error_naming_it(tmp_path):
+    """Erf has no HTP kernel: with the CPU fallback disabled the session refuses and names the node."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from qwen_edge.quant import quantize
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["e"], name="the_erf"),
+                               helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], [w])
+    src, dst = tmp_path / "erf.onnx", tmp_path / "erf_w8a16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(src))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 8)).astype(np.float32)} for i in range(2)]
+    quantize("transformer", src, dst, "w8a16", feeds)
+    with pytest.raises(InputError, match=r"cannot run 1 node\(s\): the_erf \(Erf\)"):
+        qnn.session(dst)
+
+
+def test_float_model_is_refused_with_a_clear_message(v1):
+    with pytest.raises(InputError, match="w8a16"):
+        qnn.session(v1.paths["vae_decoder"])
+
+
+def test_dynamic_shapes_are_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])])
+    src = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(src))
+    with pytest.raises(InputError, match="static shapes"):
+        qnn.prepare(src, tmp_path / "dyn_w8a16.onnx", [{"x": np.ones((2, 8), np.float32)}])
+    assert not (tmp_path / "dyn_w8a16.onnx").exists()
+
+
+def test_unknown_backend(v1):
+    with pytest.raises(InputError, match="unknown QNN backend"):
+        qnn.session(v1.paths["transformer"], backend="dsp")
