@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     student = args.student or default_model()
     teacher = args.teacher or student.parent / "teacher"
-    numbers = {"generation_time": speed(student, args.speed_runs),
-               **measure(student, teacher, args.prompts)}
+    numbers = {"generation_time": speed(student, args.speed_runs)} if args.speed_runs else {}
+    if args.prompts:  # --prompts 0: speed only
+        numbers.update(measure(student, teacher, args.prompts))
     json.dump(numbers, sys.stdout, indent=2)
     print()
     return 0
