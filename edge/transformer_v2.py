@@ -65,6 +65,10 @@ class TransformerV2Config:
     eps: float = 1e-6
     causal_condition: bool = True
     theta: float = 10000.0
+    # Apple Neural Engine-friendly variants for Core ML export (issue 5); not diffusers keys, off by default (the
+    # plain graph the reference runs). Same parameters, same state dict, same results up to rounding.
+    ane_split_heads: bool = False  # attention as one small matmul chain per head (ml-stable-diffusion SPLIT_EINSUM)
+    ane_conv: bool = False  # block linears as 1x1 convolutions over a (B, C, 1, S) layout
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims", tuple(int(d) for d in self.axes_dims))
@@ -177,16 +181,59 @@ class _TimeEmbed(nn.Module):
         return self.timestep_embedder(timestep_embedding(t, TIME_PROJ_DIM).to(dtype))
 
 
+class _Conv1x1(nn.Conv2d):
+    """A bias-free Linear computed as a 1x1 convolution over (B, C, 1, S), the layout the Neural Engine runs
+    best (Apple's ml-ane-transformers). Load hooks keep the Linear's (out, in) weight in the state dict, so a
+    checkpoint loads unchanged through the strict loader: (out, in) -> (out, in, 1, 1) on load and back."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 1, bias=False)
+        self._register_load_state_dict_pre_hook(self._from_linear)
+        self._register_state_dict_hook(_conv_to_linear)
+
+    @staticmethod
+    def _from_linear(state: dict, prefix: str, *args) -> None:
+        w = state.get(prefix + "weight")
+        if w is not None and w.ndim == 2:
+            state[prefix + "weight"] = w[:, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x.transpose(1, 2).unsqueeze(2))  # (B, C_out, 1, S)
+        return y.squeeze(2).transpose(1, 2)  # (B, S, C_out)
+
+
+def _conv_to_linear(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    state[prefix + "weight"] = state[prefix + "weight"][:, :, 0, 0]  # (out, in), as the checkpoint stores it
+
+
+def _linear(cfg: TransformerV2Config, cin: int, cout: int) -> nn.Module:
+    return _Conv1x1(cin, cout) if cfg.ane_conv else nn.Linear(cin, cout, bias=False)
+
+
+def _attention_per_head(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`qwen_edge.ops.attention` one head at a time: q (B, H, Sq, D), k/v (B, H, Sk, D), mask broadcastable
+    to (B, H, Sq, Sk) -> (B, Sq, H*D). Small per-head matmuls are what the Neural Engine tiles well."""
+    scale = q.shape[-1] ** -0.5
+    bias = None if mask is None else (mask[:, 0] if mask.ndim == 4 else mask)  # (B|1, Sq, Sk) or (Sq, Sk)
+    heads = []
+    for h in range(q.shape[1]):
+        scores = torch.matmul(q[:, h] * scale, k[:, h].transpose(-1, -2))  # (B, Sq, Sk)
+        if bias is not None:
+            scores = scores + bias
+        heads.append(torch.matmul(scores.softmax(dim=-1), v[:, h]))  # (B, Sq, D)
+    return torch.cat(heads, dim=-1)  # (B, Sq, H*D)
+
+
 class _Attention(nn.Module):
     """Q/K/V/out projections and per-head RMSNorm on q and k; the attention itself is in the block."""
 
     def __init__(self, cfg: TransformerV2Config):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.to_q = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.to_k = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.to_v = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(cfg.dim, cfg.dim, bias=False)])
+        self.to_q = _linear(cfg, cfg.dim, cfg.dim)
+        self.to_k = _linear(cfg, cfg.dim, cfg.dim)
+        self.to_v = _linear(cfg, cfg.dim, cfg.dim)
+        self.to_out = nn.ModuleList([_linear(cfg, cfg.dim, cfg.dim)])
         self.norm_q = _RMSNorm(cfg.head_dim, cfg.eps)
         self.norm_k = _RMSNorm(cfg.head_dim, cfg.eps)
 
@@ -204,9 +251,9 @@ class _Attention(nn.Module):
 class _SwiGLU(nn.Module):
     def __init__(self, cfg: TransformerV2Config):
         super().__init__()
-        self.proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
-        self.out = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
-        self.gate_layer = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.proj = _linear(cfg, cfg.dim, cfg.mlp_dim)
+        self.out = _linear(cfg, cfg.mlp_dim, cfg.dim)
+        self.gate_layer = _linear(cfg, cfg.dim, cfg.mlp_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(F.silu(self.gate_layer(x)) * self.proj(x))
@@ -219,6 +266,7 @@ class TransformerV2Block(nn.Module):
     def __init__(self, cfg: TransformerV2Config):
         super().__init__()
         self.eps = cfg.eps
+        self.attend = _attention_per_head if cfg.ane_split_heads else attention
         self.attn = _Attention(cfg)
         self.img_mlp = _SwiGLU(cfg)
 
@@ -244,7 +292,7 @@ class TransformerV2Block(nn.Module):
         (the last block, whose text output feeds nothing) txt is returned unchanged."""
         q, k, v = self.project(txt, mod, cos, sin)  # (B, H, L, Dh) each
         if advance:
-            txt = self.update(txt, attention(q, k, v, bias.to(q.dtype)), mod)  # (B, L, D)
+            txt = self.update(txt, self.attend(q, k, v, bias.to(q.dtype)), mod)  # (B, L, D)
         return txt, k, v
 
     def image_step(self, img: Tensor, k_txt: Tensor, v_txt: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
@@ -253,7 +301,7 @@ class TransformerV2Block(nn.Module):
         q, k, v = self.project(img, mod, cos, sin)  # (B, H, N, Dh) each
         k = torch.cat([k_txt.to(k.dtype), k], dim=2)  # (B, H, L+N, Dh)
         v = torch.cat([v_txt.to(v.dtype), v], dim=2)  # (B, H, L+N, Dh)
-        out = attention(q, k, v, None if bias is None else bias.to(q.dtype))  # (B, N, H*Dh)
+        out = self.attend(q, k, v, None if bias is None else bias.to(q.dtype))  # (B, N, H*Dh)
         return self.update(img, out, mod)  # (B, N, D)
 
 

@@ -22,16 +22,16 @@ head_dim)`` (k and v of each layer interleaved), the same bytes as the IOSpec's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from qwen_edge import iospec
 from qwen_edge.checkpoint import Sanitize, read_json, weight_files
 from qwen_edge.errors import InputError, IntegrityError, UsageError
+from torch import nn
 
 CHUNKABLE = ("text_encoder", "text_kv", "transformer")
 
@@ -47,9 +47,15 @@ class Source:
     sanitize: Sanitize
 
 
-def source(spec, component: str) -> Source:
-    """The :class:`Source` of a chunkable component of checkpoint ``spec`` (a ModelSpec)."""
+def source(spec, component: str, ane: bool = False) -> Source:
+    """The :class:`Source` of a chunkable component of checkpoint ``spec`` (a ModelSpec). ``ane``: the 2.1
+    transformer's Neural Engine-friendly variant (per-head attention, linears as 1x1 convs; same weights)."""
     family = spec.family.name
+    if ane and (component == "text_encoder" or family != "qwen-image-2.1"):
+        if component == "text_encoder":
+            ane = False  # the flag concerns the transformer; the text encoder keeps its plain graph
+        else:
+            raise UsageError("the Neural Engine variant (--ane) exists for qwen-image-2.1's transformer only")
     if component == "text_encoder":
         from qwen_edge import text_encoder as te
 
@@ -63,6 +69,7 @@ def source(spec, component: str) -> Source:
         from qwen_edge import transformer_v2 as t2
 
         cfg = t2.TransformerV2Config.from_diffusers(read_json(folder / "config.json"))
+        cfg = dataclasses.replace(cfg, ane_split_heads=ane, ane_conv=ane)
         if not cfg.causal_condition:
             raise UsageError("Core ML export of 2.1 needs causal_condition=True (the text K/V cache)")
         return Source(component, family, lambda: t2.TransformerV2(cfg), folder, t2.sanitize)
@@ -145,7 +152,9 @@ class TextKVChunk(_Chunk):
             txt, k, v = block.text_step(txt, mod, cos, sin, bias, advance=i < self.total - 1)  # k, v (1, H, L, Dh)
             kv += [k, v]
         kv = torch.stack(kv)  # (2n, 1, H, L, Dh)
-        return kv if self.last else (kv, txt, mod)
+        if self.last:
+            return kv
+        return (kv, txt, mod) if self.first else (kv, txt)  # what later chunks read (iospec.chunk)
 
 
 class TransformerV2Chunk(_Chunk):
@@ -165,7 +174,9 @@ class TransformerV2Chunk(_Chunk):
             img, mod, temb, text_kv, cos, sin, bias = args
         for i, block in self.layers():
             img = block.image_step(img, text_kv[2 * i], text_kv[2 * i + 1], mod, cos, sin, bias)  # (1, N, D)
-        return m._head(img, temb) if self.last else (img, mod, temb)  # (1, N, C) or the carry
+        if self.last:
+            return m._head(img, temb)  # (1, N, C)
+        return (img, mod, temb) if self.first else img  # the carry later chunks read (iospec.chunk)
 
 
 class TransformerV1Chunk(_Chunk):
@@ -187,7 +198,7 @@ class TransformerV1Chunk(_Chunk):
             mod = block.modulation(temb)  # (1, 12, D)
             img, txt = block(img, txt, mod, (img_cos, img_sin), (txt_cos, txt_sin), text_bias)
         if not self.last:
-            return img, txt, temb
+            return (img, txt, temb) if self.first else (img, txt)  # the carry later chunks read (iospec.chunk)
         return m.proj_out(m.norm_out(img, m.norm_out.modulation(temb)))  # (1, N, out_features)
 
 
@@ -214,12 +225,12 @@ def unit_params(src: Source) -> tuple[int, list[int], int]:
         model = src.build()
     blocks = blocks_of(model, src.component)
     full = chunk_module(src, model, 0, len(blocks))
-    stem = sum(_count(_get(model, n)) for n in full.stem_names)
-    head = sum(_count(_get(model, n)) for n in full.head_names)
-    return stem, [_count(b) for b in blocks], head
+    stem = sum(count_params(_get(model, n)) for n in full.stem_names)
+    head = sum(count_params(_get(model, n)) for n in full.head_names)
+    return stem, [count_params(b) for b in blocks], head
 
 
-def _count(module: nn.Module) -> int:
+def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
@@ -294,7 +305,7 @@ def _read_wanted(src: Source, wanted: set[str], dtype: torch.dtype) -> dict[str,
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(src.folder):
         with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
                 shape = handle.get_slice(key).get_shape()
                 probe = [n for n, _ in src.sanitize(key, torch.empty(shape, device="meta"))]
                 if not wanted.intersection(probe):

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-
 from qwen_edge import bundle as bundle_mod
 from qwen_edge import iospec
 from qwen_edge.errors import InputError, IntegrityError, require
@@ -64,7 +63,7 @@ class _CoreML:
         ct = require("coremltools", "coreml")
         try:
             self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units.upper()])
-        except Exception as e:  # Core ML's compile/load errors come as RuntimeError/Exception
+        except Exception as e:  # noqa: BLE001  (Core ML's compile/load errors come as RuntimeError/Exception)
             raise IntegrityError(f"Core ML cannot load {path.parent.name}: {e}".splitlines()[0]) from None
 
     def predict(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,7 +134,7 @@ class CoreMLComponents(GraphComponents):
             out = self.model(part["file"]).predict(fit(state, io))
             if name == "text_kv":
                 kv.append(out.pop("text_kv"))
-            state.update(out)
+            state.update({iospec.carried(k): v for k, v in out.items()})  # next_hidden feeds the next chunk's hidden
         if kv:
             state["text_kv"] = np.concatenate(kv, axis=0)
         spec = iospec.components(self.dims)[name]

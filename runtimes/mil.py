@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from qwen_edge.errors import IntegrityError, NumericalError, QwenEdgeError, require
 
 
@@ -83,7 +82,7 @@ def load_spec(package: Path):
     spec = model_pb2.Model()
     try:
         spec.ParseFromString(model_file(package).read_bytes())
-    except Exception as e:  # protobuf's DecodeError
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError has no stable import path)
         raise IntegrityError(f"cannot parse the Core ML model in {package}: {e}") from None
     if spec.WhichOneof("Type") != "mlProgram":
         raise IntegrityError(f"{package} is not an ML Program (it holds a {spec.WhichOneof('Type')})")
@@ -424,8 +423,20 @@ def _minimum(x, y):
 _COMPARE = {"equal": np.equal, "not_equal": np.not_equal, "greater": np.greater, "greater_equal": np.greater_equal,
             "less": np.less, "less_equal": np.less_equal, "logical_and": np.logical_and,
             "logical_or": np.logical_or, "logical_xor": np.logical_xor}
+def _binary(fn):
+    return lambda x, y: fn(_f(x), _f(y))
+
+
+def _unary(fn):
+    return lambda x: fn(_f(x))
+
+
+def _reduction(fn):
+    return lambda x, axes=None, keep_dims=False: fn(_f(x), axis=_reduce_axes(x, axes), keepdims=bool(keep_dims))
+
+
 for _name, _fn in _COMPARE.items():
-    _OPS[_name] = (lambda fn: lambda x, y: fn(_f(x), _f(y)))(_fn)
+    _OPS[_name] = _binary(_fn)
 
 
 _UNARY = {"exp": np.exp, "exp2": np.exp2, "sin": np.sin, "cos": np.cos, "tan": np.tan, "tanh": np.tanh,
@@ -433,7 +444,7 @@ _UNARY = {"exp": np.exp, "exp2": np.exp2, "sin": np.sin, "cos": np.cos, "tan": n
           "square": np.square, "sqrt": np.sqrt, "logical_not": np.logical_not, "asin": np.arcsin,
           "acos": np.arccos, "atan": np.arctan, "sinh": np.sinh, "cosh": np.cosh, "atanh": np.arctanh}
 for _name, _fn in _UNARY.items():
-    _OPS[_name] = (lambda fn: lambda x: fn(_f(x)))(_fn)
+    _OPS[_name] = _unary(_fn)
 
 
 @_op("rsqrt")
@@ -559,8 +570,7 @@ def _reduce_axes(x, axes):
 
 
 for _name, _fn in _REDUCE.items():
-    _OPS[_name] = (lambda fn: lambda x, axes=None, keep_dims=False: fn(
-        _f(x), axis=_reduce_axes(x, axes), keepdims=bool(keep_dims)))(_fn)
+    _OPS[_name] = _reduction(_fn)
 
 
 @_op("reduce_sum_square")
@@ -914,7 +924,7 @@ def _lut_to_dense(indices, lut, shape=None, vector_axis=None):
     lut = np.asarray(lut)
     if shape is not None:  # iOS 16 form
         shape = tuple(int(s) for s in shape)
-        nbits = int(round(math.log2(lut.size)))
+        nbits = round(math.log2(lut.size))
         idx = unpack_bits(np.asarray(indices), nbits, False, int(np.prod(shape, dtype=np.int64)))
         return lut[idx].reshape(shape)
     indices = np.asarray(indices).astype(np.int64)
