@@ -8,7 +8,6 @@ is unpickled: safetensors and JSON only. Any missing, unexpected or mis-shaped k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError, IntegrityError
+from .jsonfile import read_json  # noqa: F401  (re-exported: components import it from here)
 
 # (name, tensor) -> zero or more (new_name, new_tensor): a component's declarative key map.
 Sanitize = Callable[[str, Tensor], Iterable[tuple[str, Tensor]]]
@@ -44,19 +44,6 @@ def resolve(model: str | Path) -> Path:
             raise InputError(f"{model} is not in the local Hugging Face cache ({type(e).__name__}); "
                              "download it first or pass a directory") from None
     raise InputError(f"model directory {path} does not exist")
-
-
-def read_json(path: Path) -> dict:
-    """Read a JSON object, turning every failure into an IntegrityError naming the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IntegrityError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IntegrityError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise IntegrityError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .jsonfile import read_json
 from .errors import InputError, IntegrityError
 from .family import family as family_of
 
@@ -279,9 +280,9 @@ def dims_from_checkpoint(spec, height: int, width: int, text_len: int) -> Dims:
     check_size(fam.name, height, width)
     if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
         raise InputError(f"text length must be a positive integer, got {text_len!r}")
-    transformer_cfg = _read_json(spec.root / "transformer" / "config.json")
-    vae_cfg = _read_json(spec.root / "vae" / "config.json")
-    text_cfg = _read_json(spec.root / "text_encoder" / "config.json")
+    transformer_cfg = read_json(spec.root / "transformer" / "config.json")
+    vae_cfg = read_json(spec.root / "vae" / "config.json")
+    text_cfg = read_json(spec.root / "text_encoder" / "config.json")
     text_cfg = {**text_cfg, **(text_cfg.get("text_config") or {})}  # VL configs nest the text stack
     (heads, hd, layers), (out_ch, in_ch) = _TRANSFORMER_KEYS[fam.name], _VAE_CHANNELS[fam.name]
     return Dims(family=fam.name, height=height, width=width, text_len=text_len, drop=spec.template.drop,
@@ -305,21 +306,6 @@ def check_size(family: str, height: int, width: int) -> None:
     for name, side in (("height", height), ("width", width)):
         if isinstance(side, bool) or not isinstance(side, int) or side < m or side % m:
             raise InputError(f"{name} {side!r} is not a positive multiple of {m} ({family}'s patch grid)")
-
-
-def _read_json(path) -> dict:
-    import json
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IntegrityError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IntegrityError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise IntegrityError(f"{path} must hold a JSON object")
-    return data
 
 
 # -- the prompt expander's causal LM: optimum's decoder-with-KV-cache layout -----------------------------

@@ -15,19 +15,17 @@ at the end: a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from qwen_edge.errors import InputError, NumericalError, require
 from qwen_edge.iospec import EXPANDER_LM, CausalLMIO
+from qwen_edge.export.onnx import quiet_exporter
 from qwen_edge.expand.llm import ONNX_FILE, load_expander_config
 
 OPSET = 21  # as the bundle's other graphs
@@ -79,7 +77,7 @@ def _export_into(folder: Path, model, tokenizer, opset: int, tolerance: float, t
     io = CausalLMIO(len(shapes))
     wrapper = _flat_cache_lm(model, io, torch)
     path = folder / ONNX_FILE
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(wrapper, _example_inputs(model, shapes, torch), input_names=io.input_names,
                                     output_names=io.output_names, dynamic_shapes=_dynamic_shapes(model, io, torch),
                                     opset_version=opset, dynamo=True, verbose=False)
@@ -93,20 +91,6 @@ def _export_into(folder: Path, model, tokenizer, opset: int, tolerance: float, t
     if not (folder / "tokenizer.json").is_file():
         raise InputError("the model's tokenizer has no fast version (tokenizer.json); the expander reads only that")
     _parity_gate(wrapper, path, io, shapes, tolerance, torch)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter prints progress and logs notes (torchvision, axis renames) as warnings: not for users."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _cache_of(output):

@@ -216,7 +216,7 @@ def export_graph(module: nn.Module, io: iospec.IOSpec, example: Feed, path: Path
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in io.input_names)
     if external_data is None:
         external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
-    with _quiet():
+    with quiet_exporter():
         program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
                                     opset_version=opset, dynamo=True, verbose=False)
     program.model.metadata_props.update(metadata or {})
@@ -239,7 +239,7 @@ def _weight_bytes(module: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporter():
     """The exporter logs progress and optional-dependency notes (torchvision) at WARNING; keep the CLI quiet."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
