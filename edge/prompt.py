@@ -135,7 +135,7 @@ def system_turn_length(tokenizer, folder, system_prompt: str) -> int:
     Without jinja2 the turn is rendered the way every Qwen chat template renders a system turn,
     ``<|im_start|>system\\n{text}<|im_end|>\\n``.
     """
-    special = _special_tokens(folder)
+    special = special_tokens(folder)
     try:
         text = _render_system_turn(chat_template(folder), system_prompt, special)
     except ImportError:  # jinja2 missing: torch-free devices may not ship it
@@ -171,7 +171,7 @@ def _default_template(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _special_tokens(folder) -> dict[str, str]:
+def special_tokens(folder) -> dict[str, str]:
     """bos/eos/unk/pad token strings from tokenizer_config.json (chat templates may refer to them)."""
     path = Path(folder) / "tokenizer_config.json"
     config = _read_json(path) if path.is_file() else {}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_component, read_json
 from .errors import InputError
-from .ops import apply_rope_half, attention, rms_norm
+from .ops import RMSNorm, apply_rope_half, attention
 
 
 @dataclass(frozen=True)
@@ -122,16 +122,6 @@ QWEN3_VL_8B = TextEncoderConfig(vocab_size=151936, hidden_size=4096, intermediat
 QWEN25_VL_7B = TextEncoderConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                                  num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
                                  rope_theta=1_000_000.0, **_FLAGS["qwen2_5_vl"])
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):

@@ -95,16 +95,6 @@ class TransformerV1Config:
 QWEN_IMAGE = TransformerV1Config()
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
-
-
 class _GeluTanhProj(nn.Module):
     """Linear then GELU-tanh; a module of its own so its weight is named ``net.0.proj`` as in diffusers."""
 
@@ -157,18 +147,18 @@ class _JointAttention(nn.Module):
         self.heads, self.head_dim = cfg.num_attention_heads, dh
         self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.norm_q, self.norm_k = _RMSNorm(dh, cfg.eps), _RMSNorm(dh, cfg.eps)
-        self.norm_added_q, self.norm_added_k = _RMSNorm(dh, cfg.eps), _RMSNorm(dh, cfg.eps)
+        self.norm_q, self.norm_k = ops.RMSNorm(dh, cfg.eps), ops.RMSNorm(dh, cfg.eps)
+        self.norm_added_q, self.norm_added_k = ops.RMSNorm(dh, cfg.eps), ops.RMSNorm(dh, cfg.eps)
         self.to_out = nn.ModuleList([nn.Linear(d, d)])
         self.to_add_out = nn.Linear(d, d)
 
-    def _split(self, x: Tensor, proj: nn.Linear, norm: _RMSNorm | None = None) -> Tensor:
+    def _split(self, x: Tensor, proj: nn.Linear, norm: ops.RMSNorm | None = None) -> Tensor:
         x = proj(x).unflatten(-1, (self.heads, self.head_dim))  # (B, S, H, Dh)
         if norm is not None:
             x = norm(x)
         return x.transpose(1, 2)  # (B, H, S, Dh)
 
-    def _qk(self, x: Tensor, proj: nn.Linear, norm: _RMSNorm, cos: Tensor, sin: Tensor) -> Tensor:
+    def _qk(self, x: Tensor, proj: nn.Linear, norm: ops.RMSNorm, cos: Tensor, sin: Tensor) -> Tensor:
         x = self._split(x, proj, norm)  # (B, H, S, Dh)
         return ops.apply_rope(x, cos, sin).to(x.dtype)  # (B, H, S, Dh)
 
@@ -253,7 +243,7 @@ class TransformerV1(nn.Module):
         self.config = cfg
         d = cfg.inner_dim
         self.time_text_embed = _TimeTextEmbed(cfg)
-        self.txt_norm = _RMSNorm(cfg.joint_attention_dim, cfg.eps)
+        self.txt_norm = ops.RMSNorm(cfg.joint_attention_dim, cfg.eps)
         self.img_in = nn.Linear(cfg.in_channels, d)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, d)
         self.transformer_blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.num_layers))

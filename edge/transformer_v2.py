@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import rope as rope_mod
 from .checkpoint import load_component, read_json
 from .errors import InputError
-from .ops import apply_rope, attention, gelu_tanh, rms_norm, timestep_embedding
+from .ops import RMSNorm, apply_rope, attention, gelu_tanh, rms_norm, timestep_embedding
 
 TIME_PROJ_DIM = 256  # width of the sinusoidal sigma embedding (fixed in the reference)
 
@@ -128,19 +128,7 @@ def _causal_bias(n: int, like: Tensor) -> Tensor:
     return torch.zeros(n, n, dtype=like.dtype, device=like.device).masked_fill(later, rope_mod.MASKED)
 
 
-class _RMSNorm(nn.Module):
-    """RMSNorm with a plain weight (the per-head q/k norms)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-class _ZeroCentredRMSNorm(_RMSNorm):
+class _ZeroCentredRMSNorm(RMSNorm):
     """RMSNorm whose checkpoint stores scale - 1 (the text projection's input norm)."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -234,8 +222,8 @@ class _Attention(nn.Module):
         self.to_k = _linear(cfg, cfg.dim, cfg.dim)
         self.to_v = _linear(cfg, cfg.dim, cfg.dim)
         self.to_out = nn.ModuleList([_linear(cfg, cfg.dim, cfg.dim)])
-        self.norm_q = _RMSNorm(cfg.head_dim, cfg.eps)
-        self.norm_k = _RMSNorm(cfg.head_dim, cfg.eps)
+        self.norm_q = RMSNorm(cfg.head_dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.head_dim, cfg.eps)
 
     def split_heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, S, Dh)

@@ -119,7 +119,7 @@ class LLMExpander:
         template = _chat_template(self.folder)
         if template is not None:
             try:
-                return _render_chat(template, messages, _special_tokens(self.folder))
+                return _render_chat(template, messages, prompt_mod.special_tokens(self.folder))
             except ImportError:  # jinja2 is optional on devices
                 pass
         if self.tokenizer.token_to_id("<|im_start|>") is not None:
@@ -244,7 +244,7 @@ def _stop_ids(folder: Path, config: dict, tokenizer) -> set[int]:
     for source in (_read_json(gen) if gen.is_file() else {}, config):
         value = source.get("eos_token_id")
         ids |= {int(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)}
-    for token in (_special_tokens(folder).get("eos_token"), "<|im_end|>", "<|endoftext|>"):
+    for token in (prompt_mod.special_tokens(folder).get("eos_token"), "<|im_end|>", "<|endoftext|>"):
         if token and tokenizer.token_to_id(token) is not None:
             ids.add(tokenizer.token_to_id(token))
     return ids
@@ -255,19 +255,6 @@ def _chat_template(folder: Path) -> str | None:
         return prompt_mod.chat_template(folder)
     except IntegrityError:
         return None
-
-
-def _special_tokens(folder: Path) -> dict[str, str]:
-    """bos/eos/pad token strings from tokenizer_config.json: chat templates refer to them."""
-    path = folder / "tokenizer_config.json"
-    config = _read_json(path) if path.is_file() else {}
-    out = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            out[key] = value
-    return out
 
 
 def _render_chat(template: str, messages: list[dict], special: dict[str, str]) -> str:
