@@ -311,6 +311,12 @@ class Manifest:
     quant: Mapping = field(default_factory=dict)
     fidelity: Mapping = field(default_factory=dict)
     created_by: Mapping = field(default_factory=dict)
+    # Optional sections, each listing its own hashed ``files`` and verified by the code that opens them (not by
+    # :func:`load`: generating needs none of them): conformance vectors (:mod:`qwen_edge.conform`), ORT-format
+    # copies of the graphs for ONNX Runtime Mobile, the LLM prompt expander. Written only when present.
+    vectors: Mapping = field(default_factory=dict)
+    ort: Mapping = field(default_factory=dict)
+    expander: Mapping = field(default_factory=dict)
 
     def files(self) -> dict[str, str]:
         """Every file of the bundle (tokenizer and components) -> sha256."""
@@ -328,7 +334,13 @@ class Manifest:
             "sampler": self.sampler.to_json(), "tokenizer": self.tokenizer.to_json(),
             "components": {name: c.to_json() for name, c in self.components.items()},
             "fidelity": dict(self.fidelity), "source": dict(self.source), "created_by": dict(self.created_by),
+            **{key: dict(value) for key, value in self.extras().items()},
         }
+
+    def extras(self) -> dict[str, Mapping]:
+        """The optional sections present (``vectors``, ``ort``, ``expander``), by name."""
+        return {key: value for key, value in (("vectors", self.vectors), ("ort", self.ort),
+                                              ("expander", self.expander)) if value}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
@@ -355,7 +367,8 @@ class Manifest:
             sampler=Sampler.from_json(d.get("sampler")), tokenizer=Tokenizer.from_json(d.get("tokenizer")),
             components={name: Component.from_json(name, c) for name, c in comps.items()},
             source=_obj(d.get("source", {}), "source"), latent=_obj(d.get("latent", {}), "latent"), quant=quant,
-            fidelity=_obj(d.get("fidelity", {}), "fidelity"), created_by=_obj(d.get("created_by", {}), "created_by"))
+            fidelity=_obj(d.get("fidelity", {}), "fidelity"), created_by=_obj(d.get("created_by", {}), "created_by"),
+            **{key: _extra(d.get(key), key) for key in ("vectors", "ort", "expander")})
         manifest._check_consistent()
         return manifest
 
@@ -447,6 +460,17 @@ def _sha(v: object, where: str) -> str:
     if not isinstance(v, str) or len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
         raise IntegrityError(f"{MANIFEST}: {where} must be a lowercase hex sha256")
     return v
+
+
+def _extra(v: object, where: str) -> dict:
+    """An optional section ({} when absent): an object whose ``files`` maps clean bundle paths to sha256s."""
+    if v is None:
+        return {}
+    d = _obj(v, where)
+    for rel, digest in _obj(d.get("files"), f"{where}.files").items():
+        check_relative(rel, f"{where}.files key")
+        _sha(digest, f"{where}.files[{rel!r}]")
+    return d
 
 
 def _rope(v: object) -> dict:

@@ -73,6 +73,8 @@ def _generate(args) -> int:
     _check_output(args.output)
     check_size(args.height or 1, args.width or 1, args.max_pixels)
     noise = _load_noise(args.noise) if args.noise else None
+    if args.expand:
+        _bundled_llm(args)
     expander = _expander(args) if args.expand else _no_expander(args)
     pipe = _pipeline(args, Pipeline)
     prompt = _expand_prompt(expander, args.prompt, args.seed, pipe.tokenizer, pipe.spec.template) if expander \
@@ -162,6 +164,15 @@ def _export_args(sub) -> None:
                    "boundaries (default 1GB)")
     p.add_argument("--ane", action="store_true", help="coreml: 2.1 transformer in its Neural Engine-friendly form "
                    "(per-head attention, linears as 1x1 convs); same weights, measure it on a Mac")
+    p.add_argument("--test-vectors", action="store_true", help="record conformance vectors (every intermediate "
+                   "of one generation) into vectors/ for checking a port: qwen-edge conform, docs/bundle.md")
+    p.add_argument("--vector-prompt", help="--test-vectors: the prompt (default: a fixed two-object prompt)")
+    p.add_argument("--vector-seed", type=int, default=0, help="--test-vectors: the seed (default 0)")
+    p.add_argument("--ort-format", action="store_true", help="also write ORT-format models (.ort) and "
+                   "required_operators.config for ONNX Runtime Mobile")
+    p.add_argument("--expander-llm", type=Path, help="a causal LM folder (transformers, exported here, or already "
+                   "ONNX with a KV cache) put into expander/ as the bundle's prompt expander (generate --expand "
+                   "uses it)")
     p.set_defaults(run=_export)
 
 
@@ -171,7 +182,11 @@ def _export(args) -> int:
     require("torch", "torch")  # every exporter runs the torch model; a device install has none (issue 9)
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     extra = {"prompts": _read_prompts(args.prompts)} if args.prompts else {}
+    extras = {"test_vectors": args.test_vectors, "vector_prompt": args.vector_prompt,
+              "vector_seed": args.vector_seed, "ort_format": args.ort_format, "expander_llm": args.expander_llm}
     if args.target == "coreml":
+        if args.test_vectors or args.ort_format or args.expander_llm or args.vector_prompt or args.vector_seed:
+            raise UsageError("--test-vectors, --ort-format and --expander-llm apply to --target onnx and qnn")
         return _export_coreml(args, components, extra)
     if args.sizes or args.ios18 or args.chunk_limit or args.ane:
         raise UsageError("--sizes, --ios18, --chunk-limit and --ane apply to --target coreml only")
@@ -179,7 +194,7 @@ def _export(args) -> int:
 
     export_bundle(args.out, args.model, target=args.target, quant=args.quant, height=args.height,
                   width=args.width, text_len=args.text_len, steps=args.steps, components=components,
-                  log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr), **extra)
+                  log=lambda msg: print(f"qwen-edge: {msg}", file=sys.stderr), **extra, **extras)
     print(args.out)
     return 0
 
@@ -266,6 +281,21 @@ def _expander(args):
     return expander(name, llm=args.llm, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
 
+def _bundled_llm(args) -> None:
+    """``generate --runtime onnx --bundle B --expand``: the LLM expander the bundle carries, unless --llm or
+    --expander template says otherwise."""
+    if args.runtime != "onnx" or args.bundle is None or args.llm is not None or args.expander == "template":
+        return
+    from .expand.bundled import bundled_expander
+
+    folder = bundled_expander(args.bundle, verify=not args.no_verify)
+    if folder is not None:
+        args.llm = folder
+    elif args.expander == "llm":
+        raise UsageError(f"--expander llm needs --llm DIR: bundle {args.bundle} carries no expander "
+                         "(export it with --expander-llm)")
+
+
 def _no_expander(args) -> None:
     """Without --expand, the expansion options are a mistake worth saying so."""
     if args.expander or args.llm or args.max_new_tokens != 256 or args.temperature != 0.0:
@@ -308,6 +338,131 @@ def _expand(args) -> int:
     return 0
 
 
+def _bench_args(sub) -> None:
+    p = sub.add_parser("bench", help="measure a bundle: cold start, latency per component and step, peak RSS, "
+                       "size, FLOPs and the achieved fraction of this CPU's GEMM peak")
+    p.add_argument("--bundle", type=Path, required=True, help="an exported bundle (qwen-edge export)")
+    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"],
+                   help="onnx (default) or torch: the bundle's source checkpoint in torch fp32 eager, same size")
+    p.add_argument("--model", help="--runtime torch: the checkpoint (default: the one the bundle was exported from)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "npu"], help="onnx runtime: cpu (default) or npu")
+    p.add_argument("--runs", type=int, default=5, help="timed generations, after --warmup (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations first (default 1)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the physical cores)")
+    p.add_argument("--profile", action="store_true", help="ORT's profiler on the transformer step: time per op type")
+    p.add_argument("--prompt", help="the prompt generated (default: a fixed two-object prompt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start launches")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
+    p.add_argument("--no-peak", action="store_true", help="skip the GEMM peak microbenchmarks")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .bench import PROMPT, bench, format_report
+
+    if args.model and args.runtime != "torch":
+        raise UsageError("--model applies to --runtime torch only (the onnx runtime runs the bundle)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty; say what the image should show")
+    bar = tqdm(desc="bench", unit="phase", disable=not sys.stderr.isatty(), leave=False)
+
+    def progress(msg: str) -> None:
+        bar.set_description(msg)
+        bar.update(1)
+
+    try:
+        report = bench(args.bundle, runtime=args.runtime, device=args.device, runs=args.runs, warmup=args.warmup,
+                       threads=args.threads, profile=args.profile, model=args.model, prompt=args.prompt or PROMPT,
+                       seed=args.seed, cold_start=not args.no_cold_start, memory=not args.no_memory,
+                       peak=not args.no_peak, progress=progress)
+    finally:
+        bar.close()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _verify_args(sub) -> None:
+    p = sub.add_parser("verify", help="measure bundles against the torch pipeline (or another bundle) side by side")
+    p.add_argument("--bundle", type=Path, action="append", required=True,
+                   help="a bundle to check; repeat for several quant recipes of the same checkpoint")
+    p.add_argument("--reference", default="torch", help="torch (default: the fp32 pipeline of the bundle's "
+                   "checkpoint) or another bundle directory")
+    p.add_argument("--model", help="the torch reference's checkpoint (default: the one the bundle's manifest names)")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line, # comments (default: 8 held-out "
+                   "prompts of the default's world, or a few generic ones)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed S + i (default 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--html", type=Path, help="write a self-contained HTML report (images, heat-maps, plots)")
+    p.add_argument("--min-psnr", type=float, help="image PSNR threshold (dB) for every bundle, instead of the "
+                   "bundle's declared one")
+    p.add_argument("--min-component-psnr", type=float, help="component PSNR threshold (dB) for every component, "
+                   "instead of the declared ones")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the physical cores)")
+    p.set_defaults(run=_verify)
+
+
+def _verify(args) -> int:
+    import json
+
+    from .errors import NumericalError
+    from .report import format_text, write_html
+    from .verify import read_prompts, verify
+
+    if args.seed < 0:
+        raise UsageError("--seed must be non-negative")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.html is not None and not (args.html.parent if str(args.html.parent) else Path(".")).is_dir():
+        raise InputError(f"--html folder {args.html.parent} does not exist")
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    report = verify(args.bundle, args.reference, prompts, args.seed, model=args.model, min_image_psnr=args.min_psnr,
+                    min_component_psnr=args.min_component_psnr, threads=args.threads)
+    print(json.dumps(report.to_json(), indent=2, allow_nan=False) if args.json else format_text(report))
+    if args.html is not None:
+        print(f"qwen-edge: wrote {write_html(report, args.html)}", file=sys.stderr)
+    if report.failures:
+        raise NumericalError("; ".join(report.failures))
+    return 0
+
+
+def _conform_args(sub) -> None:
+    p = sub.add_parser("conform", help="replay a bundle's conformance vectors (export --test-vectors) through a "
+                       "Python runtime and compare every intermediate with its tolerance")
+    p.add_argument("--bundle", type=Path, required=True, help="an exported bundle with conformance vectors")
+    p.add_argument("--runtime", default="onnx", choices=["onnx", "ort", "torch"],
+                   help="onnx (default: the bundle's graphs), ort (its ORT-format models, as ORT Mobile runs them) "
+                   "or torch (the checkpoint it was exported from, fp32)")
+    p.add_argument("--vectors", type=Path, help="a vectors folder (with vectors.json) instead of the bundle's own")
+    p.add_argument("--model", help="--runtime torch: the checkpoint (default: the one the bundle's manifest names)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 checks (trusted storage only)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the physical cores)")
+    p.set_defaults(run=_conform)
+
+
+def _conform(args) -> int:
+    from .conform import check
+    from .errors import NumericalError
+
+    if args.model and args.runtime != "torch":
+        raise UsageError("--model applies to --runtime torch only")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    report = check(args.bundle, runtime=args.runtime, vectors=args.vectors, model=args.model,
+                   verify=not args.no_verify, threads=args.threads, progress=lambda steps: _progress(steps, None))
+    print("\n".join(report.lines()))
+    if report.failed:
+        names = ", ".join(r.name for r in report.failed)
+        raise NumericalError(f"{len(report.failed)} of {len(report.rows)} conformance vectors are out of "
+                             f"tolerance on the {args.runtime} runtime: {names}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qwen-edge", description="Qwen-Image text-to-image on edge devices.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -315,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_args(sub)
     _export_args(sub)
     _expand_args(sub)
+    _conform_args(sub)
+    _bench_args(sub)
+    _verify_args(sub)
     return parser
 
 

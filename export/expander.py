@@ -168,3 +168,50 @@ def _parity_gate(wrapper, path: Path, io: CausalLMIO, shapes, tolerance: float, 
     if not worst <= tolerance:
         raise NumericalError(f"the exported expander disagrees with torch: max error {worst:.2e} of the logits' "
                              f"range > {tolerance:.0e}")
+
+
+# -- inside a bundle ---------------------------------------------------------------------------------------
+
+BUNDLE_FOLDER = "expander"
+
+
+def add_expander(writer, manifest, model_dir, log=None):
+    """Put the causal LM in ``model_dir`` into ``expander/`` of the bundle being written (``writer``, a
+    :class:`qwen_edge.export.bundle_writer.BundleWriter`) and return ``manifest`` (a
+    :class:`qwen_edge.bundle.Manifest`) with its ``expander`` section: every file hashed, the folder in the
+    layout :class:`qwen_edge.expand.LLMExpander` loads. ``generate --expand`` on the bundle uses it.
+
+    ``model_dir``: a transformers folder (exported here, :func:`export_expander`) or one already in ONNX with a
+    KV cache (optimum's layout, ``model.onnx``: checked by loading it, then copied)."""
+    import dataclasses
+
+    model_dir = Path(model_dir)
+    config = load_expander_config(model_dir)  # one clear line for a folder that is not a causal LM
+    kind = config.get("model_type", "causal LM")
+    if (model_dir / ONNX_FILE).is_file():
+        from qwen_edge.expand.llm import LLMExpander
+
+        LLMExpander(model_dir)  # refuses a graph without a KV cache or a folder without tokenizer.json
+        if log:
+            log(f"copying the prompt expander ({kind}, ONNX) from {model_dir}")
+        files = _copy_folder(model_dir, writer.root / BUNDLE_FOLDER)
+    else:
+        if log:
+            log(f"exporting the prompt expander ({kind}) from {model_dir}")
+        files = export_expander(model_dir, writer.root / BUNDLE_FOLDER)
+    rels = [f.relative_to(writer.root).as_posix() for f in files]
+    section = {"kind": "llm", "folder": BUNDLE_FOLDER, "file": f"{BUNDLE_FOLDER}/{ONNX_FILE}",
+               "model_type": str(config.get("model_type", "")), "source": str(model_dir),
+               "files": writer.hashes(rels)}
+    return dataclasses.replace(manifest, expander=section)
+
+
+def _copy_folder(src: Path, dst: Path) -> list[Path]:
+    """The files of an exported expander folder (sub-folders included) copied to ``dst``."""
+    out = []
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        out.append(target)
+    return out

@@ -337,8 +337,9 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
                   steps: int = 4, components: Sequence[str] = DEFAULT_COMPONENTS,
                   prompts: Sequence[str] = (SAMPLE_PROMPT,), seed: int = 0, opset: int = OPSET,
                   external_data: bool | None = None, min_component_psnr: float | None = None,
-                  min_image_psnr: float | None = None,
-                  log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
+                  min_image_psnr: float | None = None, test_vectors: bool = False,
+                  vector_prompt: str | None = None, vector_seed: int = 0, ort_format: bool = False,
+                  expander_llm=None, log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
     """Export checkpoint ``model`` (a directory or cached repo id; None: the embedded default) to a bundle at
     ``out``, atomically. Returns the manifest written.
 
@@ -346,10 +347,14 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     defaults to w8a16). ``height``/``width``: the static image size (default: the checkpoint's default).
     ``text_len``: prompt tokens kept after the template. ``components``: from :data:`COMPONENTS` ("transformer"
     includes 2.1's text_kv). ``prompts``/``seed``/``steps``: the torch sample run whose real inputs drive the
-    parity gates (and calibration). ``min_component_psnr``/``min_image_psnr``: override the gates.
+    parity gates (and calibration). ``min_component_psnr``/``min_image_psnr``: override the gates. Optional parts
+    (:mod:`qwen_edge.export.augment`): ``test_vectors`` records conformance vectors for ``vector_prompt`` and
+    ``vector_seed``; ``ort_format`` adds ORT-format models and their operator config; ``expander_llm`` (a causal LM
+    folder) exports the prompt expander into ``expander/``.
     """
     log = log or (lambda msg: None)
     recipe = _check_choices(target, quant, components, steps)
+    _check_extras(components, test_vectors, vector_prompt, vector_seed, expander_llm)
     quantize = _quantizer(recipe, target)
     spec = ModelSpec.from_checkpoint(model if model is not None else default_model())
     dims = iospec.dims_from_checkpoint(spec, height or spec.default_size, width or spec.default_size, text_len)
@@ -375,6 +380,11 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
         manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries,
                              _tokenizer(writer, spec, pad_id))
         manifest = _image_gate(writer, manifest, reference, prompts, seed, steps, recipe, min_image_psnr, log)
+        from .augment import add_extras
+
+        manifest = add_extras(writer, manifest, torch_components, test_vectors=test_vectors,
+                              vector_prompt=vector_prompt, vector_seed=vector_seed, ort_format=ort_format,
+                              expander_llm=expander_llm, log=log)
         writer.commit(manifest)
     log(f"wrote {writer.out}")
     return manifest
@@ -395,6 +405,24 @@ def _check_choices(target: str, quant: str | None, components: Sequence[str], st
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive integer, got {steps!r}")
     return recipe
+
+
+def _check_extras(components: Sequence[str], test_vectors: bool, vector_prompt: str | None, vector_seed: int,
+                  expander_llm) -> None:
+    """Refuse unusable optional parts before the (long) export starts."""
+    if test_vectors:
+        from .vectors import DEFAULT_PROMPT, check_request
+
+        check_request(DEFAULT_PROMPT if vector_prompt is None else vector_prompt, vector_seed)
+        if not {"text_encoder", "transformer", "vae_decoder"} <= set(components):
+            raise UsageError("--test-vectors records a whole generation: export text_encoder, transformer and "
+                             "vae_decoder")
+    elif vector_prompt is not None or vector_seed:
+        raise UsageError("--vector-prompt and --vector-seed need --test-vectors")
+    if expander_llm is not None:
+        from qwen_edge.expand.llm import load_expander_config
+
+        load_expander_config(expander_llm)  # a folder that is not a causal LM: one line, nothing exported
 
 
 def _rope(transformer: nn.Module) -> dict:

@@ -365,3 +365,62 @@ def test_cli_generate_expands_first(capsys, tiny21, tmp_path):
 def test_importing_the_expander_needs_neither_torch_nor_onnxruntime():
     code = "import sys, qwen_edge.expand; assert not {'torch', 'onnxruntime'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_export_refuses_an_expander_that_is_not_a_causal_lm(tmp_path, capsys):
+    """``export --expander-llm`` checks the folder before exporting anything."""
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    out = tmp_path / "bundle"
+    for folder, message in ((bert, "not a causal language model"), (tmp_path / "nowhere", "does not exist")):
+        assert main(["export", "--expander-llm", str(folder), "--out", str(out)]) == 3
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # nothing written, not even a temporary folder
+
+
+# -- the expander inside a bundle (export --expander-llm) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xbundle(bundle21, exported, tmp_path_factory):
+    """The session's 2.1 bundle with the exported expander added (an ONNX folder: copied in as it is)."""
+    from qwen_edge.export.augment import augment_bundle
+
+    out = tmp_path_factory.mktemp("xbundle") / "bundle"
+    shutil.copytree(bundle21, out)
+    augment_bundle(out, expander_llm=exported[0])
+    return out
+
+
+def test_bundle_carries_the_expander_and_generate_uses_it(xbundle, exported, tmp_path, capsys):
+    from qwen_edge import bundle as bundle_mod
+
+    section = bundle_mod.load(xbundle).manifest.expander
+    assert (section["folder"], section["file"], section["model_type"]) == ("expander", "expander/model.onnx", "qwen3")
+    assert {rel.removeprefix("expander/") for rel in section["files"]} == {f.name for f in exported[1]}
+    bundle_mod.verify_files(xbundle, section["files"])
+    out = tmp_path / "x.png"
+    argv = ["generate", "a circle", "--runtime", "onnx", "--bundle", str(xbundle), "--expand", "--max-new-tokens",
+            "6", "-o", str(out)]
+    assert main(argv) == 0 and out.is_file()
+    assert f"expanded by qwen3 from {xbundle / 'expander'}" in capsys.readouterr().err
+    assert main([*argv, "--expander", "template"]) == 0  # the rules still win when asked for
+    assert "filled from seed 0" in capsys.readouterr().err
+
+
+def test_a_tampered_bundled_expander_is_refused(xbundle, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(xbundle, bad)
+    (bad / "expander" / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    argv = ["generate", "a circle", "--runtime", "onnx", "--bundle", str(bad), "--expand", "-o",
+            str(tmp_path / "x.png")]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert "expander/chat_template.jinja does not match its sha256" in err and len(err.strip().splitlines()) == 1
+    shutil.copy(xbundle / "expander" / "chat_template.jinja", bad / "expander")
+    (bad / "expander" / "extra.jinja").write_text("{{ x }}")
+    assert main(argv) == 4
+    assert "expander/extra.jinja is not listed" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
