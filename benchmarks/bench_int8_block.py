@@ -76,24 +76,11 @@ def export_block(path: Path, feeds: dict[str, np.ndarray]) -> None:
 
 
 def matmul_flops(path: Path) -> float:
-    """2*M*K*N summed over the graph's MatMul/Gemm nodes, shapes from ONNX shape inference."""
-    import onnx
+    """2*M*K*N summed over the graph's matrix products (:func:`qwen_edge.flops.count`, shapes from ONNX shape
+    inference; the block has no convolutions)."""
+    from qwen_edge.flops import count
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        inferred = Path(tmp) / "shapes.onnx"
-        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
-        graph = onnx.load(str(inferred), load_external_data=False).graph
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    shapes.update({t.name: list(t.dims) for t in graph.initializer})
-    total = 0.0
-    for node in graph.node:
-        if node.op_type in ("MatMul", "Gemm"):
-            a, out = shapes[node.input[0]], shapes[node.output[0]]
-            transa = any(x.name == "transA" and x.i for x in node.attribute)
-            k = a[-2] if transa else a[-1]
-            total += 2.0 * float(np.prod(out)) * k
-    return total
+    return count(path).total
 
 
 def session(path: Path, threads: int):

@@ -194,7 +194,7 @@ def _bench(args, scratch: Path) -> dict:
     env = _clean_env(QWEN_EDGE_CACHE=str(scratch / "ort-cache"))
     envs = {**dict.fromkeys(commands, env), TORCH_1: {**env, "OMP_NUM_THREADS": "1"}}
     times = cold_times(commands, envs, args.runs)
-    # the faster torch figure is the baseline: on a loaded machine torch's OpenMP threads spin-wait (bench_onnx.py)
+    # the faster torch figure is the baseline: on a loaded machine torch's OpenMP threads spin-wait (README, Bench)
     torch_s = min(times[TORCH]["median_s"], times[TORCH_1]["median_s"])
     result = {
         "model": f"{model} ({what})", "size": f"{args.height}x{args.width}", "bundle_quant": quant,

@@ -20,7 +20,7 @@ from qwen_edge import testing
 from qwen_edge.pipeline import Pipeline, Request
 from qwen_edge.schedule import sigmas
 from qwen_edge.spec import ModelSpec, default_model
-from qwen_edge.world import evaluate, evaluate_many, prompts
+from qwen_edge.world import evaluate_many, prompts
 
 STUDENT_SIGMAS = [1.0, 0.75, 0.5, 0.25]
 
