@@ -154,7 +154,8 @@ def _export_args(sub) -> None:
     p.add_argument("--components", default="text_encoder,transformer,vae_decoder",
                    help="comma-separated: text_encoder,transformer,vae_decoder,vae_encoder")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line: the torch sample run that drives "
-                   "the parity gates and calibration (default: one built-in prompt)")
+                   "the parity gates and calibration (default: a few built-in prompts; for the embedded default, "
+                   "training captions covering every background)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced atomically)")
     p.add_argument("--sizes", help="coreml: more HEIGHTxWIDTH sizes the packages accept (enumerated shapes), "
                    "e.g. 512x512,768x512")
@@ -170,6 +171,11 @@ def _export_args(sub) -> None:
     p.add_argument("--vector-seed", type=int, default=0, help="--test-vectors: the seed (default 0)")
     p.add_argument("--ort-format", action="store_true", help="also write ORT-format models (.ort) and "
                    "required_operators.config for ONNX Runtime Mobile")
+    p.add_argument("--qnn-context", action="store_true", help="qnn: also write each graph precompiled for the NPU "
+                   "(EPContext model + QNN context binary), which generate --device npu loads instead of compiling")
+    p.add_argument("--precompute-modulation", action="store_true", help="2.1: tabulate the transformer's "
+                   "modulation for the bundle's sigmas instead of shipping the timestep/modulation weights "
+                   "(the bundle then runs its own schedule only)")
     p.add_argument("--expander-llm", type=Path, help="a causal LM folder (transformers, exported here, or already "
                    "ONNX with a KV cache) put into expander/ as the bundle's prompt expander (generate --expand "
                    "uses it)")
@@ -183,10 +189,14 @@ def _export(args) -> int:
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     extra = {"prompts": _read_prompts(args.prompts)} if args.prompts else {}
     extras = {"test_vectors": args.test_vectors, "vector_prompt": args.vector_prompt,
-              "vector_seed": args.vector_seed, "ort_format": args.ort_format, "expander_llm": args.expander_llm}
+              "vector_seed": args.vector_seed, "ort_format": args.ort_format, "expander_llm": args.expander_llm,
+              "qnn_context": args.qnn_context, "precompute_modulation": args.precompute_modulation}
     if args.target == "coreml":
         if args.test_vectors or args.ort_format or args.expander_llm or args.vector_prompt or args.vector_seed:
             raise UsageError("--test-vectors, --ort-format and --expander-llm apply to --target onnx and qnn")
+        if args.qnn_context or args.precompute_modulation:
+            raise UsageError("--qnn-context (--target qnn) and --precompute-modulation (onnx, qnn) do not apply to "
+                             "--target coreml")
         return _export_coreml(args, components, extra)
     if args.sizes or args.ios18 or args.chunk_limit or args.ane:
         raise UsageError("--sizes, --ios18, --chunk-limit and --ane apply to --target coreml only")

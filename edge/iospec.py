@@ -120,12 +120,15 @@ def text_kv(d: Dims) -> IOSpec:
                   (TensorSpec("text_kv", (d.layers, 2, 1, d.heads, t, d.head_dim)),))
 
 
-def transformer(d: Dims) -> IOSpec:
+def transformer(d: Dims, modulation: bool = False) -> IOSpec:
+    """One sampler step. 2.1 with ``modulation``: the step's precomputed ``step_modulation`` (1, 5 * dim) in
+    place of ``sigma`` (the bundle tabulates it per step of its schedule, :meth:`TransformerV2.step_modulation`)."""
     n, t, half, c = d.tokens, d.text_len, d.head_dim // 2, d.token_channels
     out = (TensorSpec("velocity", (1, n, c)),)
     if d.family == "qwen-image-2.1":
+        step = TensorSpec("step_modulation", (1, 5 * d.heads * d.head_dim)) if modulation else TensorSpec("sigma", (1,))
         ins = (TensorSpec("latents", (1, n, c)), TensorSpec("text_kv", (d.layers, 2, 1, d.heads, t, d.head_dim)),
-               TensorSpec("sigma", (1,)), TensorSpec("rope_cos", (n, half)), TensorSpec("rope_sin", (n, half)),
+               step, TensorSpec("rope_cos", (n, half)), TensorSpec("rope_sin", (n, half)),
                TensorSpec("image_bias", (1, 1, n, t + n)))
     else:
         ins = (TensorSpec("latents", (1, n, c)), TensorSpec("text", (1, t, d.text_hidden)), TensorSpec("sigma", (1,)),
@@ -149,12 +152,16 @@ def vae_encoder(d: Dims) -> IOSpec:
                   (TensorSpec("latents", (1, d.z_channels, h, w)),))
 
 
-def components(d: Dims) -> dict[str, IOSpec]:
-    """Every exportable component of the family, in pipeline order."""
+def components(d: Dims, max_rank: int | None = None, modulation: bool = False) -> dict[str, IOSpec]:
+    """Every exportable component of the family, in pipeline order; with ``max_rank`` as a backend with that
+    tensor rank limit takes them (:func:`fold_rank`: the QNN HTP backend and Core ML stop at rank 5); with
+    ``modulation`` the 2.1 transformer taking its step's precomputed modulation (:func:`transformer`)."""
     specs = [text_encoder(d)]
     if d.family == "qwen-image-2.1":
         specs.append(text_kv(d))
-    specs += [transformer(d), vae_decoder(d), vae_encoder(d)]
+    specs += [transformer(d, modulation and d.family == "qwen-image-2.1"), vae_decoder(d), vae_encoder(d)]
+    if max_rank is not None:
+        specs = [fold_rank(s, max_rank) for s in specs]
     return {s.component: s for s in specs}
 
 
@@ -232,6 +239,7 @@ _MEANING = {
     "text_kv": "per-layer text keys and values, computed once per prompt",
     "latents": "latents: packed tokens (transformer) or the unpacked (1, C, h, w) grid (VAE)",
     "sigma": "noise level in [0, 1] of this sampler step (timestep / 1000)",
+    "step_modulation": "this sampler step's AdaLN rows [scale1, gate1, scale2, gate2, final scale], precomputed",
     "velocity": "flow-matching velocity of the image tokens",
     "image": "image (1, C, H, W) in about [-1, 1]",
     "hidden": "chunk carry: hidden states after this chunk's blocks",

@@ -16,7 +16,7 @@ import numpy as np
 from . import latents as lat
 from . import prompt as prompt_mod
 from . import schedule
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .sampler import Denoiser, sample
 from .spec import ModelSpec
 
@@ -111,7 +111,7 @@ class Pipeline:
             msg = f"the prompt was truncated to the text encoder's maximum of {self.spec.template.max_length} tokens"
             self.warnings.append(msg)
             warnings.warn(msg, stacklevel=2)
-        hidden = self.components.encode_text(ids)
+        hidden = check_finite(self.components.encode_text(ids), "text_encoder", "before step 0")
         return hidden[:, drop:]
 
     def initial_noise(self, req: Request, shape: tuple[int, ...]) -> np.ndarray:
@@ -155,7 +155,7 @@ class Pipeline:
             if st.index + 1 < total:
                 yield Step(st.index, total, float(st.sigma_next), x)
         z = lat.unpack(fam.name, x, h, w)  # (1, C, h, w)
-        image = self.components.decode(z)  # (1, 3|4, H, W) in [-1, 1]
+        image = check_finite(self.components.decode(z), "vae_decoder", "after the last step")  # (1, 3|4, H, W)
         yield Step(total - 1, total, 0.0, x, to_uint8(image))
 
 
@@ -163,6 +163,14 @@ class Pipeline:
         model = self.components.denoiser(text, *grid)
         # The pipelines hand the transformer timestep/1000 with timestep = sigma*1000 in float32.
         return lambda x, sigma: model(x, schedule.model_timestep(sigma))
+
+
+def check_finite(array: np.ndarray, component: str, when: str) -> np.ndarray:
+    """``array`` if every value is finite, else a NumericalError naming the component and when (one pass over the
+    output: cheap next to computing it). The transformer is checked per step by the sampler."""
+    if not np.isfinite(array).all():
+        raise NumericalError(f"{component} produced NaN/Inf ({when}): the model overflows; try float32")
+    return array
 
 
 def check_size(height: int, width: int, max_pixels: int) -> None:

@@ -94,7 +94,8 @@ def _steps(denoiser: Denoiser, negative: Denoiser | None, x: np.ndarray, s: np.n
             v = true_cfg(v, _velocity(negative, x, t), cfg_scale, rescale=rescale)
         x = euler_step(x, s[i], s[i + 1], v)  # (B, N, C) at sigma s[i + 1]
         if check_finite and not np.isfinite(x).all():
-            raise NumericalError(f"latents became NaN/Inf at step {i} (sigma {s[i]:.6g}): try float32")
+            raise NumericalError(f"transformer output made the latents NaN/Inf at step {i} (sigma {s[i]:.6g}): "
+                                 "try float32")
         yield Step(i, float(s[i]), float(s[i + 1]), x)
 
 

@@ -348,6 +348,13 @@ class TransformerV2(nn.Module):
         rope_cos/rope_sin: the joint tables (L+N, Dh/2) or just their first L rows; mask: the joint bias or
         its (.., L, L) text block, or None. Needs ``causal_condition`` (text modulated at t = 0).
         """
+        kv = self.text_kv_pairs(text, rope_cos, rope_sin, mask)
+        return torch.stack([torch.stack(pair) for pair in kv])  # (layers, 2, B, H, L, Dh)
+
+    def text_kv_pairs(self, text: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+                      mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`encode_text` as one (k, v) pair per layer, each (B, heads, L, head_dim), unstacked: the
+        QNN export stacks them at rank 5 (the HTP backend stops at rank 5)."""
         if not self.config.causal_condition:
             raise InputError("text K/V caching needs causal_condition=True: otherwise text depends on sigma")
         temb = self._time(text.new_zeros(1), text.dtype)[0]  # (1, D), the t = 0 row
@@ -357,24 +364,36 @@ class TransformerV2(nn.Module):
         kv, last = [], len(self.transformer_blocks) - 1
         for i, block in enumerate(self.transformer_blocks):
             txt, k, v = block.text_step(txt, mod, cos, sin, bias, advance=i < last)  # k, v (B, H, L, Dh)
-            kv.append(torch.stack([k, v]))  # (2, B, H, L, Dh)
-        return torch.stack(kv)  # (layers, 2, B, H, L, Dh)
+            kv.append((k, v))
+        return kv
 
     def forward_cached(self, latents: Tensor, kv: Tensor, sigma: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                        mask: Tensor | None = None) -> Tensor:
-        """Velocity (B, N, C_out) from :meth:`encode_text`'s K/V: only image tokens are computed.
+        """Velocity (B, N, C_out) from :meth:`encode_text`'s K/V (or :meth:`text_kv_pairs`' list: ``kv[i][0]``
+        and ``kv[i][1]`` are layer i's keys and values either way): only image tokens are computed.
 
         rope_cos/rope_sin: the joint tables (L+N, Dh/2) or their last N rows; mask: the joint bias
         (.., L+N, L+N) or its image rows (.., N, L+N), or None.
         """
+        mod, scale = self.step_modulation(sigma, latents.dtype)  # (B, 1, 4D), (B, 1, D)
+        return self.forward_modulated(latents, kv, mod, scale, rope_cos, rope_sin, mask)
+
+    def step_modulation(self, sigma: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """What the image tokens of a step at ``sigma`` (B,) are modulated with; a function of sigma alone, so a
+        fixed schedule can tabulate it: the blocks' shared rows (B, 1, 4D) and the final norm's scale (B, 1, D)."""
+        _, temb = self._time(sigma, dtype)  # (B, D)
+        return self._mod(temb), self.norm_out.linear(F.silu(temb))[:, None]
+
+    def forward_modulated(self, latents: Tensor, kv: Tensor, mod: Tensor, scale: Tensor, rope_cos: Tensor,
+                          rope_sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward_cached` given :meth:`step_modulation`'s ``mod`` (B, 1, 4D) and ``scale`` (B, 1, D) instead
+        of sigma: no timestep embedding or modulation weights are used."""
         n = latents.shape[1]
-        _, temb_img = self._time(sigma, latents.dtype)  # (B, D)
-        mod = self._mod(temb_img)  # (B, 1, 4D)
         img = self.img_in(latents)  # (B, N, D)
         cos, sin, bias = _image_inputs(rope_cos, rope_sin, mask, n)
         for i, block in enumerate(self.transformer_blocks):
-            img = block.image_step(img, kv[i, 0], kv[i, 1], mod, cos, sin, bias)  # (B, N, D)
-        return self._head(img, temb_img)  # (B, N, C_out)
+            img = block.image_step(img, kv[i][0], kv[i][1], mod, cos, sin, bias)  # (B, N, D)
+        return self._out(img, scale)  # (B, N, C_out)
 
     def _time(self, sigma: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Embeddings (text rows, image rows). Text rows are the single t = 0 row under causal_condition,
@@ -392,7 +411,9 @@ class TransformerV2(nn.Module):
 
     def _head(self, img: Tensor, temb: Tensor) -> Tensor:
         """Scale-only final AdaLN (image rows) and the output projection."""
-        scale = self.norm_out.linear(F.silu(temb))[:, None]  # (B, 1, D)
+        return self._out(img, self.norm_out.linear(F.silu(temb))[:, None])  # (B, N, C_out)
+
+    def _out(self, img: Tensor, scale: Tensor) -> Tensor:
         img = F.layer_norm(img, img.shape[-1:], eps=self.config.eps) * (1 + scale)  # (B, N, D)
         return self.proj_out(img)  # (B, N, C_out)
 

@@ -12,7 +12,9 @@ bundle's own schedule (``manifest.sampler``). Figures per bundle:
   and its wall time;
 - prompt fidelity: :func:`qwen_edge.world.evaluate_many` on every image when the checkpoint is the embedded
   default (its evaluator only knows that world), else skipped with the reason;
-- the first non-finite value any component produced: which component, at which sampler step, for which prompt.
+- the first non-finite value any component produced: which component, at which sampler step, for which prompt;
+  for an fp16 bundle also the first node of that graph whose output is non-finite on the same input
+  (:func:`first_bad_node`: the layer where fp16 overflows).
 
 Thresholds are the bundle's declared ones (``fidelity.min_image_psnr_db`` and each component's
 ``fidelity.min_psnr_db``, the export's gates), else the recipe's defaults; a figure below them, or a
@@ -88,7 +90,7 @@ class BundleResult:
             nf = self.non_finite
             step = "" if nf["step"] is None else f" at step {nf['step']}"
             out.append(f"{self.label}: {nf['component']} produced a non-finite value{step} (prompt {nf['prompt']}, "
-                       f"{nf['run']})")
+                       f"{nf['run']}){_layer_text(nf.get('layer'))}")
         got, want = self.image["psnr_db"], self.thresholds["image_psnr_db"]
         if not got >= want:
             out.append(f"{self.label}: image PSNR {got:.1f} dB < {want:.1f} dB")
@@ -209,6 +211,108 @@ def _non_finite(outputs: Feed) -> bool:
     return any(not np.isfinite(v).all() for v in outputs.values() if np.issubdtype(v.dtype, np.floating))
 
 
+# -- where an fp16 graph overflows: node by node ---------------------------------------------------------------
+
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+def first_bad_node(b: bundle_mod.Bundle, name: str, feed: Feed, batch: int = 256) -> dict:
+    """The first node (in the graph's topological order) of component ``name`` whose output is NaN/Inf on
+    ``feed``: ``{"node", "op", "output", "dtype", "max_abs_input"}``; ``max_abs_input`` above :data:`FP16_MAX`
+    means the node's input already exceeded the fp16 range (a Cast to fp16 overflowing), below it that the
+    node's own arithmetic overflowed. ``{"node": None, ...}`` when no node's output is non-finite this way.
+
+    The graph runs in ONNX Runtime on a copy whose intermediate values are graph outputs (onnx.helper; types
+    from ONNX shape inference), ``batch`` nodes per pass to bound memory, without graph optimisations so no
+    fusion hides a node. Needs the ``onnx`` package; a diagnostic, so any failure becomes ``{"error": ...}``.
+    """
+    try:
+        return _first_bad_node(b, name, feed, batch)
+    except Exception as e:  # never lose the report over its diagnosis
+        lines = str(e).strip().splitlines()
+        return {"node": None, "error": f"{type(e).__name__}: {lines[0] if lines else ''}"}
+
+
+def _first_bad_node(b: bundle_mod.Bundle, name: str, feed: Feed, batch: int) -> dict:
+    from .errors import require
+
+    onnx, ort = require("onnx", "onnx"), require("onnxruntime", "runtime")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(b.path(b.component(name).file)))
+    nodes = _topological(model.graph.node)  # fp16 conversion appends its Casts at the end of the node list
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]  # the converter's annotations can contradict the graph: infer them afresh
+    model = onnx.shape_inference.infer_shapes(model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    types = {v.name: v.type for v in (*model.graph.value_info, *model.graph.output)
+             if v.type.tensor_type.elem_type in floats}
+    weights = {t.name: t for t in model.graph.initializer}  # decoded only for the node found (memory)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads, so.log_severity_level = 1, 3
+    for start in range(0, len(nodes), batch):
+        chunk = nodes[start:start + batch]
+        names = [o for node in chunk for o in node.output if o in types]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.helper.make_value_info(o, types[o]) for o in names)
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        values = {**feed, **dict(zip(names, sess.run(names, feed)))}
+        for node in chunk:
+            bad = next((o for o in node.output if o in types and not np.isfinite(values[o]).all()), None)
+            if bad is not None:
+                inputs = [values[i] if i in values else numpy_helper.to_array(weights[i]) for i in node.input
+                          if i in values or i in weights]  # an input computed in an earlier pass is not kept
+                finite = [np.abs(a[np.isfinite(a)]) for a in inputs if np.issubdtype(a.dtype, np.floating)]
+                peak = max((float(a.max()) for a in finite if a.size), default=None)
+                return {"node": node.name, "op": node.op_type, "output": bad, "dtype": str(values[bad].dtype),
+                        "max_abs_input": peak}
+    return {"node": None}
+
+
+def _topological(nodes) -> list:
+    """``nodes`` in a topological order, as close to the given one as dependencies allow (Kahn, lowest index
+    first)."""
+    import heapq
+
+    nodes = list(nodes)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = []
+    for i, node in enumerate(nodes):
+        deps = {producer[x] for x in node.input if x in producer}
+        waiting.append(len(deps))
+        for j in deps:
+            users[j].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    return order
+
+
+def _layer_text(layer: dict | None) -> str:
+    """The failure sentence's tail naming the node :func:`first_bad_node` found."""
+    if not layer:
+        return ""
+    if layer.get("node") is None:
+        return f"; no single node reproduced it ({layer['error']})" if "error" in layer else \
+            "; no single node's output is non-finite when the graph runs node by node"
+    peak = layer["max_abs_input"]
+    why = "" if peak is None else f", largest input magnitude {peak:.4g}" + (
+        f" > {FP16_MAX:.0f}, the fp16 range" if peak > FP16_MAX else "")
+    return f"; first at node {layer['node']!r} ({layer['op']}, {layer['dtype']} output {layer['output']!r}{why})"
+
+
 # -- prompts -------------------------------------------------------------------------------------------------
 
 
@@ -306,6 +410,7 @@ class _Watched:
         self.run = run
         self.steps = itertools.count()
         self.first: tuple[str, int | None] | None = None
+        self.feed: Feed | None = None  # the inputs that gave the first non-finite output
 
     def begin(self) -> None:
         self.steps = itertools.count()
@@ -314,7 +419,7 @@ class _Watched:
         out = self.run(name, feed)
         step = next(self.steps) if name == "transformer" else None
         if self.first is None and _non_finite(out):
-            self.first = (name, step)
+            self.first, self.feed = (name, step), feed
         return out
 
 
@@ -349,7 +454,7 @@ class _Subject:
         for name, step, feed, ref in records:
             got = self.engine.run(name, feed)
             if _non_finite(got):
-                self._note(name, step, prompt, "on the reference's inputs")
+                self._note(name, step, prompt, "on the reference's inputs", feed)
             for key, value in ref.items():
                 figures[name] = _worst(figures.get(name), compare(value, got[key]))
 
@@ -363,8 +468,8 @@ class _Subject:
             image, error = np.zeros_like(reference), str(e)
         seconds = time.perf_counter() - start
         if self.watched.first is not None:
-            self._note(*self.watched.first, prompt, "in its own generation")
-            self.watched.first = None
+            self._note(*self.watched.first, prompt, "in its own generation", self.watched.feed)
+            self.watched.first = self.watched.feed = None
         elif error:
             self._note("sampler", None, prompt, f"in its own generation: {error}")
         self.result.images.append(image)
@@ -373,9 +478,12 @@ class _Subject:
                  "max_abs_diff": int(np.abs(reference.astype(np.int16) - image).max()), "seconds": round(seconds, 4)}
         self.result.per_prompt.append({**entry, "error": error} if error else entry)
 
-    def _note(self, component: str, step: int | None, prompt: int, run: str) -> None:
+    def _note(self, component: str, step: int | None, prompt: int, run: str, feed: Feed | None = None) -> None:
         if self.result.non_finite is None:
             self.result.non_finite = {"component": component, "step": step, "prompt": prompt, "run": run}
+            m = self.bundle.manifest
+            if feed is not None and m.target != "coreml" and "fp16" in (m.recipe, m.components[component].recipe):
+                self.result.non_finite["layer"] = first_bad_node(self.bundle, component, feed)
 
 
 def bundle_size(b: bundle_mod.Bundle) -> int:

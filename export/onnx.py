@@ -37,7 +37,9 @@ from qwen_edge.runtimes.onnx import (
     Feed,
     Feeds,
     OnnxComponents,
+    fit,
     required_components,
+    tabulated,
 )
 from qwen_edge.spec import ModelSpec, default_model
 from torch import nn
@@ -47,11 +49,22 @@ from .bundle_writer import BundleWriter
 TARGETS = ("onnx", "qnn")
 RECIPES = ("fp32", "fp16", "int8", "int4", "w8a16", "mixed")
 QNN_RECIPES = ("w8a16",)  # what the QNN HTP backend runs: static QDQ, 8-bit weights, 16-bit activations
+MAX_RANK = {"qnn": 5}  # a target's tensor rank limit: the QNN HTP backend refuses 2.1's rank-6 text K/V
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")  # what a user selects
 DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
 OPSET = 21
 DEFAULT_TEXT_LEN = 256  # prompt tokens after the template; longer prompts are truncated with a warning
 SAMPLE_PROMPT = "a red circle above a blue square on a white background"
+# The sample run's prompts when none are given: they drive the parity gates and calibrate every static range
+# (the VAE's int8 convolutions, w8a16). One prompt calibrated the default's decoder on a white canvas only: on
+# black or gray backgrounds it then fell to 21.5 dB (`qwen-edge verify`). So: a few prompts that differ in what
+# sets activation ranges (canvas, colours, content), none of them verify's held-out ones.
+CALIBRATION_PROMPTS = 4  # the embedded default: train-split captions covering every background and colour
+GENERIC_CALIBRATION_PROMPTS = (  # other checkpoints: a bright, a dark and a text-rendering scene
+    "a green triangle and a yellow circle on black",
+    "an old man in a yellow coat, daylight",
+    "a neon sign saying \"OPEN\" at night",
+)
 PAD_TOKEN = "<|endoftext|>"  # what Qwen's tokenizers pad with; the runtime pads the ids with it
 
 # Parity gates (dB). Per component: ONNX Runtime vs the torch module on the same recorded inputs; per image:
@@ -59,6 +72,7 @@ PAD_TOKEN = "<|endoftext|>"  # what Qwen's tokenizers pad with; the runtime pads
 COMPONENT_GATE_DB = {"fp32": 60.0, "fp16": 35.0}
 COMPONENT_GATE_OTHER_DB = 20.0
 IMAGE_GATE_DB = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "w8a16": 28.0, "int4": 25.0, "mixed": 30.0}
+CONTEXT_GATE_DB = 60.0  # a QNN context vs the same graph compiled at load: the same QNN graph, so identical
 PSNR_CAP_DB = 200.0  # identical outputs (infinite PSNR) are recorded as this, JSON has no infinity
 EXTERNAL_DATA_BYTES = 512 << 20  # weights above this go to a .data file (ONNX protobufs stop at 2 GB)
 
@@ -76,25 +90,51 @@ class TextEncoderGraph(nn.Module):
 
 
 class TextKVGraph(nn.Module):
-    """2.1: per-layer text K/V, (layers, 2, 1, heads, text_len, head_dim)."""
+    """2.1: per-layer text K/V, (layers, 2, 1, heads, text_len, head_dim); with ``fold`` the layer and k/v axes
+    merged, (layers * 2, 1, heads, text_len, head_dim) (:func:`qwen_edge.iospec.fold_rank`, same bytes), built
+    without any rank-6 tensor: the QNN HTP backend stops at rank 5."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fold: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.fold = model, fold
 
     def forward(self, text, rope_cos, rope_sin, text_bias):
-        return self.model.encode_text(text, rope_cos, rope_sin, text_bias)
+        if not self.fold:
+            return self.model.encode_text(text, rope_cos, rope_sin, text_bias)
+        pairs = self.model.text_kv_pairs(text, rope_cos, rope_sin, text_bias)  # [(k, v) (1, H, T, Dh)] per layer
+        return torch.stack([t for pair in pairs for t in pair])  # (layers * 2, 1, H, T, Dh)
 
 
 class TransformerV21Graph(nn.Module):
-    """2.1: one step over the image tokens against the cached text K/V."""
+    """2.1: one step over the image tokens against the cached text K/V (folded as :class:`TextKVGraph` with
+    ``fold``: layer i's keys are row 2i, its values row 2i + 1). With ``modulated`` the step input is the step's
+    precomputed ``step_modulation`` (1, 5D) instead of sigma (:func:`modulation_table`): no timestep embedding
+    or modulation weights in the graph."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fold: bool = False, modulated: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.fold, self.modulated = model, fold, modulated
 
-    def forward(self, latents, text_kv, sigma, rope_cos, rope_sin, image_bias):
-        return self.model.forward_cached(latents, text_kv, sigma, rope_cos, rope_sin, image_bias)
+    def forward(self, latents, text_kv, step, rope_cos, rope_sin, image_bias):
+        if self.fold:  # (layers * 2, 1, H, T, Dh) -> [(k, v) (1, H, T, Dh)] per layer, read at rank 5
+            text_kv = [(text_kv[2 * i], text_kv[2 * i + 1]) for i in range(text_kv.shape[0] // 2)]
+        if not self.modulated:  # step = sigma (1,)
+            return self.model.forward_cached(latents, text_kv, step, rope_cos, rope_sin, image_bias)
+        dim = self.model.config.dim
+        mod, scale = step[:, None, :4 * dim], step[:, None, 4 * dim:]  # (1, 1, 4D), (1, 1, D)
+        return self.model.forward_modulated(latents, text_kv, mod, scale, rope_cos, rope_sin, image_bias)
+
+
+@torch.inference_mode()
+def modulation_table(model: nn.Module, timesteps: np.ndarray) -> np.ndarray:
+    """(steps, 5D) float32: :meth:`TransformerV2.step_modulation` at each sigma input of a fixed schedule, the
+    blocks' [scale1, gate1, scale2, gate2] then the final norm's scale, one step at a time as the torch
+    pipeline computes it."""
+    rows = []
+    for t in timesteps:
+        mod, scale = model.step_modulation(torch.tensor([t], dtype=torch.float32), torch.float32)
+        rows.append(torch.cat([mod, scale], dim=-1)[0, 0])  # (5D,)
+    return torch.stack(rows).float().numpy()
 
 
 class TransformerV1Graph(nn.Module):
@@ -108,8 +148,11 @@ class TransformerV1Graph(nn.Module):
         return self.model(latents, text, sigma, img_cos, img_sin, txt_cos, txt_sin, text_bias)
 
 
-def graphs(spec: ModelSpec, torch_components, selected: Sequence[str]) -> dict[str, nn.Module]:
-    """The wrapper module of every graph to export, in pipeline order."""
+def graphs(spec: ModelSpec, torch_components, selected: Sequence[str], fold: bool = False,
+           modulated: bool = False) -> dict[str, nn.Module]:
+    """The wrapper module of every graph to export, in pipeline order; ``fold``: 2.1's text K/V at rank 5
+    (``iospec.components(dims, max_rank=5)``, the QNN target); ``modulated``: the 2.1 transformer taking its
+    step's precomputed modulation (``iospec.components(dims, modulation=True)``)."""
     v21 = spec.family.name == "qwen-image-2.1"
     out: dict[str, nn.Module] = {}
     if "text_encoder" in selected:
@@ -119,8 +162,8 @@ def graphs(spec: ModelSpec, torch_components, selected: Sequence[str]) -> dict[s
         if v21:
             if not model.config.causal_condition:
                 raise UsageError("ONNX export of 2.1 needs causal_condition=True (the text K/V cache)")
-            out["text_kv"] = TextKVGraph(model)
-        out["transformer"] = TransformerV21Graph(model) if v21 else TransformerV1Graph(model)
+            out["text_kv"] = TextKVGraph(model, fold)
+        out["transformer"] = TransformerV21Graph(model, fold, modulated) if v21 else TransformerV1Graph(model)
     if "vae_decoder" in selected:
         out["vae_decoder"] = torch_components.vae_decoder
     if "vae_encoder" in selected:
@@ -138,6 +181,38 @@ def _load_encoder(spec: ModelSpec) -> nn.Module:
     from qwen_edge.vae_v1 import load_vae_v1_encoder
 
     return load_vae_v1_encoder(spec.component("vae"))
+
+
+# -- the sample run's prompts ------------------------------------------------------------------------------------
+
+
+def default_prompts(spec: ModelSpec) -> tuple[str, ...]:
+    """The sample run's prompts when the caller gives none: for the embedded default :func:`world_prompts`,
+    for any other checkpoint :data:`GENERIC_CALIBRATION_PROMPTS`."""
+    if Path(spec.root).resolve() == default_model().resolve():
+        return world_prompts(CALIBRATION_PROMPTS)
+    return GENERIC_CALIBRATION_PROMPTS
+
+
+def world_prompts(n: int, pool: int = 64, seed: int = 0) -> tuple[str, ...]:
+    """``n`` train-split captions of the default's world (:func:`qwen_edge.world.prompts`; never held-out ones,
+    which ``qwen-edge verify`` measures on), picked greedily from the first ``pool`` so that together they show
+    every background first (an unstated one is white), then as many colours as possible. Deterministic."""
+    from qwen_edge.world import parse_prompt, prompts
+
+    def facts(p: str) -> tuple[set, set]:
+        spec = parse_prompt(p)
+        return {spec.background or "white"}, {o.color for o in spec.objects if o.color}
+
+    chosen, backgrounds, colours = [], set(), set()
+    candidates = list(dict.fromkeys(prompts("train", pool, seed=seed)))
+    for _ in range(min(n, len(candidates))):
+        best = max((p for p in candidates if p not in chosen),
+                   key=lambda p: (len(facts(p)[0] - backgrounds), len(facts(p)[1] - colours)))
+        chosen.append(best)
+        backgrounds |= facts(best)[0]
+        colours |= facts(best)[1]
+    return tuple(chosen)
 
 
 # -- recording real sample inputs from the torch pipeline -------------------------------------------------------
@@ -312,16 +387,17 @@ def _gate(name: str, figures: dict, min_db: float) -> None:
 Quantize = Callable[[str, Path, Path, list], dict]  # (component, fp32 src, dst, calibration feeds) -> facts
 
 
-def _quantizer(recipe: str, target: str) -> Quantize | None:
+def _quantizer(recipe: str, target: str, context: bool = False) -> Quantize | None:
     """How a component's fp32 graph becomes the bundle's: None for fp32; ``qwen_edge.quant.quantize`` with the
-    recipe; for ``target="qnn"`` ``qwen_edge.export.qnn.prepare`` (w8a16, then run on the HTP backend)."""
+    recipe; for ``target="qnn"`` ``qwen_edge.export.qnn.prepare`` (w8a16, then run on the HTP backend; with
+    ``context`` also precompiled into an EPContext model)."""
     if recipe == "fp32":
         return None
     try:
         if target == "qnn":
             from qwen_edge.export.qnn import prepare
 
-            return lambda name, src, dst, feeds: prepare(src, dst, feeds, component=name)
+            return lambda name, src, dst, feeds: prepare(src, dst, feeds, component=name, context=context)
         from qwen_edge.quant import quantize
     except ImportError:
         raise UsageError(f"--quant {recipe} needs qwen_edge.quant, which this installation lacks; "
@@ -335,11 +411,12 @@ def _quantizer(recipe: str, target: str) -> Quantize | None:
 def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: str | None = None,
                   height: int | None = None, width: int | None = None, text_len: int = DEFAULT_TEXT_LEN,
                   steps: int = 4, components: Sequence[str] = DEFAULT_COMPONENTS,
-                  prompts: Sequence[str] = (SAMPLE_PROMPT,), seed: int = 0, opset: int = OPSET,
+                  prompts: Sequence[str] | None = None, seed: int = 0, opset: int = OPSET,
                   external_data: bool | None = None, min_component_psnr: float | None = None,
                   min_image_psnr: float | None = None, test_vectors: bool = False,
                   vector_prompt: str | None = None, vector_seed: int = 0, ort_format: bool = False,
-                  expander_llm=None, log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
+                  expander_llm=None, qnn_context: bool = False, precompute_modulation: bool = False,
+                  log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
     """Export checkpoint ``model`` (a directory or cached repo id; None: the embedded default) to a bundle at
     ``out``, atomically. Returns the manifest written.
 
@@ -347,27 +424,46 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     defaults to w8a16). ``height``/``width``: the static image size (default: the checkpoint's default).
     ``text_len``: prompt tokens kept after the template. ``components``: from :data:`COMPONENTS` ("transformer"
     includes 2.1's text_kv). ``prompts``/``seed``/``steps``: the torch sample run whose real inputs drive the
-    parity gates (and calibration). ``min_component_psnr``/``min_image_psnr``: override the gates. Optional parts
-    (:mod:`qwen_edge.export.augment`): ``test_vectors`` records conformance vectors for ``vector_prompt`` and
-    ``vector_seed``; ``ort_format`` adds ORT-format models and their operator config; ``expander_llm`` (a causal LM
-    folder) exports the prompt expander into ``expander/``.
+    parity gates and calibration (default :func:`default_prompts`). ``min_component_psnr``/``min_image_psnr``:
+    override the gates. ``qnn_context`` (``target="qnn"``): also each graph precompiled for the NPU (an EPContext
+    model + its QNN context binary, ``components.*.context``), which ``device="npu"`` loads instead of compiling.
+    ``precompute_modulation`` (2.1): the transformer takes each step's modulation, tabulated here for the
+    bundle's sigmas (``transformer_modulation.npy``, ``components.transformer.modulation``), instead of sigma;
+    its timestep embedding and modulation weights are left out, and the bundle runs its own schedule only.
+    Optional parts (:mod:`qwen_edge.export.augment`): ``test_vectors`` records conformance vectors for
+    ``vector_prompt`` and ``vector_seed``; ``ort_format`` adds ORT-format models and their operator config;
+    ``expander_llm`` (a causal LM folder) exports the prompt expander into ``expander/``.
     """
     log = log or (lambda msg: None)
     recipe = _check_choices(target, quant, components, steps)
     _check_extras(components, test_vectors, vector_prompt, vector_seed, expander_llm)
-    quantize = _quantizer(recipe, target)
+    if qnn_context and target != "qnn":
+        raise UsageError("--qnn-context precompiles graphs for the QNN NPU: it needs --target qnn")
+    quantize = _quantizer(recipe, target, context=qnn_context)
     spec = ModelSpec.from_checkpoint(model if model is not None else default_model())
+    if precompute_modulation and (spec.family.name != "qwen-image-2.1" or "transformer" not in components):
+        raise UsageError("--precompute-modulation applies to a 2.1 transformer (its modulation depends on sigma "
+                         "alone); export the transformer of a qwen-image-2.1 checkpoint")
+    prompts = tuple(prompts) if prompts is not None else default_prompts(spec)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise UsageError("the sample run needs at least one prompt, and no empty ones")
     dims = iospec.dims_from_checkpoint(spec, height or spec.default_size, width or spec.default_size, text_len)
     spec = dataclasses.replace(spec, template=dataclasses.replace(spec.template, max_length=text_len))
     from qwen_edge.runtimes.torch import TorchComponents
 
     log(f"loading {spec.root}")
     torch_components = TorchComponents(spec)
-    modules = graphs(spec, torch_components, components)
+    max_rank = MAX_RANK.get(target)
+    modules = graphs(spec, torch_components, components, fold=max_rank is not None, modulated=precompute_modulation)
     rope, pad_id = _rope(torch_components.transformer), _pad_id(spec)
     log(f"sample run: {len(prompts)} prompt(s), {steps} steps at {dims.height}x{dims.width}")
     feeds, reference = sample_run(spec, torch_components, dims, rope, pad_id, prompts, steps, seed)
-    io = iospec.components(dims)
+    table = _modulation(spec, torch_components.transformer, dims, steps) if precompute_modulation else None
+    if table is not None:
+        feeds["transformer"] = [tabulated(f, *table) for f in feeds["transformer"]]
+    # What the graphs take (folded ranks, the tabulated modulation): gates and calibration feed exactly this.
+    io = iospec.components(dims, max_rank, modulation=precompute_modulation)
+    feeds = {name: [fit(f, io[name].inputs) for f in fs] for name, fs in feeds.items()}
     gate = min_component_psnr if min_component_psnr is not None else COMPONENT_GATE_DB.get(recipe, COMPONENT_GATE_OTHER_DB)
     meta = {"qwen_edge.family": dims.family, "qwen_edge.version": qwen_edge.__version__, "qwen_edge.recipe": recipe}
     with BundleWriter(out) as writer:
@@ -376,6 +472,8 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
             log(f"exporting {name}")
             entries[name] = _component(writer, writer.work, name, module, io[name], feeds[name], recipe, quantize,
                                        opset, external_data, gate, {**meta, "qwen_edge.component": name})
+            if name == "transformer" and table is not None:
+                entries[name] = _with_modulation(writer, entries[name], *table)
             log(f"  {name}: {entries[name].fidelity['psnr_db']:.1f} dB vs torch")
         manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries,
                              _tokenizer(writer, spec, pad_id))
@@ -448,8 +546,44 @@ def _component(writer: BundleWriter, work: Path, name: str, module: nn.Module, i
     figures = parity(module, io, dst, feeds)
     _gate(name, figures, gate)
     uses = [rel, *bundle_mod.external_data_files(dst)]
-    return bundle_mod.Component(name=name, file=rel, io=io, files=writer.hashes(uses), format="onnx", opset=opset,
-                                recipe=recipe, fidelity={**figures, "min_psnr_db": gate}, quant=dict(details))
+    context = _context(writer, name, details, metadata)
+    return bundle_mod.Component(name=name, file=rel, io=io, files=writer.hashes(uses + context.get("files", [])),
+                                format="onnx", opset=opset, recipe=recipe, fidelity={**figures, "min_psnr_db": gate},
+                                quant=dict(details), context={k: v for k, v in context.items() if k != "files"})
+
+
+def _modulation(spec: ModelSpec, model: nn.Module, dims: iospec.Dims, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the (steps, 5D) modulation table, the float32 sigma input of each row) for the bundle's schedule."""
+    sigmas = schedule.sigmas(spec.scheduler, steps, dims.tokens, sample_sigmas=spec.sample_sigmas)
+    timesteps = np.array([schedule.model_timestep(s) for s in sigmas[:-1]], np.float32)
+    return modulation_table(model, timesteps), timesteps
+
+
+def _with_modulation(writer: BundleWriter, entry: bundle_mod.Component, table: np.ndarray,
+                     timesteps: np.ndarray) -> bundle_mod.Component:
+    """The transformer's entry with its modulation table written next to it and hashed with its files."""
+    rel = "transformer_modulation.npy"
+    np.save(writer.path(rel), np.ascontiguousarray(table, np.float32), allow_pickle=False)
+    modulation = {"file": rel, "timesteps": [float(t) for t in timesteps],
+                  "layout": "row i: step i's [scale1, gate1, scale2, gate2] (4 x dim, every block) + final norm scale "
+                            "(dim); fed as step_modulation (1, 5 x dim) when sigma == timesteps[i]"}
+    return dataclasses.replace(entry, files={**entry.files, **writer.hashes([rel])}, modulation=modulation)
+
+
+def _context(writer: BundleWriter, name: str, details: dict, metadata: dict[str, str]) -> dict:
+    """The manifest entry of the component's precompiled QNN context, when ``prepare`` wrote one (its files are
+    taken out of the quantizer's facts and listed under ``files``, to be hashed with the component's)."""
+    files = details.pop("context_files", None)
+    if not files:
+        return {}
+    if not details["context_psnr_db"] >= CONTEXT_GATE_DB:
+        raise NumericalError(f"{name}: the precompiled QNN context computes other outputs than the graph compiled "
+                             f"at load ({details['context_psnr_db']:.1f} dB); no bundle was written")
+    stamp_metadata(writer.path(files[0]), metadata)
+    from qwen_edge.export.qnn import context_versions
+
+    return {"file": files[0], "binaries": files[1:], "backend": "htp", "provider_options": {},
+            "compiled_with": context_versions(), "files": files}
 
 
 def _pad_id(spec: ModelSpec) -> int:

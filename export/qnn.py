@@ -104,8 +104,10 @@ def prepare(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], *, c
     ``calibration``: :func:`qwen_edge.quant.calibrate.record` feeds of ``component``. The first
     ``check_feeds`` feeds run on the backend (HTP emulation on x86: slow for big models, so one by default)
     and the output PSNR vs the fp32 model on the CPU is returned as ``npu_psnr_db``. With ``context`` an
-    EPContext model ``<dst stem>.ctx.onnx`` (+ its binary) is written next to ``dst``; its files are listed
-    under ``context_files``. Returns :func:`qwen_edge.quant.quantize`'s facts plus these.
+    EPContext model ``<dst stem>_ctx.onnx`` (+ its binary ``<dst stem>_ctx_qnn.bin``) is written next to
+    ``dst``; its files are listed under ``context_files``, and ``context_psnr_db`` compares its outputs with
+    the graph compiled here (the same QNN graph: 999 when identical). Returns :func:`qwen_edge.quant.quantize`'s
+    facts plus these.
     """
     from qwen_edge.quant import quantize
     from qwen_edge.quant.sensitivity import outputs, worst_psnr
@@ -116,9 +118,19 @@ def prepare(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], *, c
     got = [sess.run(None, f)[0] for f in feeds]
     facts.update(device=f"QNN {backend.upper()}", npu_psnr_db=worst_psnr(outputs(Path(src), feeds), got))
     if context:
-        ctx = Path(dst).with_name(Path(dst).stem + ".ctx.onnx")
+        ctx = Path(dst).with_name(Path(dst).stem + "_ctx.onnx")
         facts["context_files"] = [p.name for p in compile_context(Path(dst), ctx, backend=backend)]
+        again = session(ctx, backend=backend)
+        facts["context_psnr_db"] = worst_psnr(got, [again.run(None, f)[0] for f in feeds])
     return facts
+
+
+def context_versions() -> dict:
+    """What compiled a context binary: a device loads it only with a compatible QNN (else it compiles the graph)."""
+    ort = register()
+    info = require("onnxruntime_qnn", "qnn").build_and_package_info
+    return {"onnxruntime": ort.__version__, "onnxruntime_qnn": info.__version__,
+            "qnn_sdk": getattr(info, "qnn_version", None)}
 
 
 # -- graph preparation for the HTP backend (used by the w8a16 recipe) ---------------------------------------
@@ -129,8 +141,51 @@ MASK_MARGIN = 30.0  # nats below the smallest real logit where masked logits sat
 
 def fuse_for_htp(model) -> int:
     """Rewrite, in place, the decomposed norms the HTP backend runs wrongly or not at all into the fused ops
-    it runs natively (:func:`fuse_lp_norms`, :func:`fuse_rms_norms`). Returns the number of fusions."""
-    return fuse_lp_norms(model) + fuse_rms_norms(model)
+    it runs natively (:func:`fuse_lp_norms`, :func:`fuse_rms_norms`), and move attention's query scale onto
+    the keys (:func:`fold_attention_scale`). Returns the number of rewrites."""
+    return fuse_lp_norms(model) + fuse_rms_norms(model) + fold_attention_scale(model)
+
+
+def fold_attention_scale(model) -> int:
+    """``MatMul(q * a, k_t * b)`` -> ``MatMul(q, k_t * (a * b))`` for scalar constants ``a``, ``b``, in place.
+
+    The exporter decomposes ``scaled_dot_product_attention`` with sqrt(scale) on both q and k. With the query
+    Mul, HTP (in emulation, QNN 2.x as onnxruntime-qnn 2.7 ships it) crashes the process (SIGSEGV) running
+    the 2.1 transformer's attention: fewer queries than keys (image tokens against the cached text + image keys)
+    once there are more than 32 keys, then the output projection. Without it the graph runs. Same product in
+    float32. Returns the number of MatMuls rewritten."""
+    require("onnx", "onnx")
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = Counter(x for n in graph.node for x in n.input) + Counter(o.name for o in graph.output)
+
+    def scaled(name: str):  # (Mul node, data input, scalar) when ``name`` is data * scalar used once
+        node = producer.get(name)
+        if node is None or node.op_type != "Mul" or uses[name] != 1:
+            return None
+        scalars = [x for x in node.input if x in consts and consts[x].size == 1]
+        data = [x for x in node.input if x not in scalars]
+        return (node, data[0], scalars[0]) if len(scalars) == 1 and len(data) == 1 else None
+
+    folded = 0
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        q, k = scaled(matmul.input[0]), scaled(matmul.input[1])
+        if q is None or k is None:
+            continue
+        name = f"{matmul.name}_key_scale"
+        scale = consts[q[2]] * consts[k[2]]
+        graph.initializer.append(numpy_helper.from_array(scale.astype(consts[k[2]].dtype), name))
+        k[0].input[:] = [k[1], name]
+        matmul.input[0] = q[1]
+        graph.node.remove(q[0])
+        folded += 1
+    used = {x for n in graph.node for x in n.input}
+    for t in [t for t in graph.initializer if t.name in consts and consts[t.name].size == 1 and t.name not in used]:
+        graph.initializer.remove(t)  # the scalars no Mul reads any more
+    return folded
 
 
 def masked_softmax_ranges(path: Path, feeds, tmp: Path) -> dict | None:

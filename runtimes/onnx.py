@@ -19,21 +19,25 @@ only the image tokens (``transformer``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
+import math
 import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from qwen_edge import bundle as bundle_mod
 from qwen_edge import rope as rope_v2_mod
 from qwen_edge import rope_v1 as rope_v1_mod
-from qwen_edge.errors import InputError, IntegrityError, QwenEdgeError, require
-from qwen_edge.iospec import Dims
+from qwen_edge.errors import InputError, IntegrityError, NumericalError, QwenEdgeError, require
+from qwen_edge.iospec import Dims, TensorSpec
+from qwen_edge.iospec import components as io_components
 from qwen_edge.sampler import Denoiser
 
 V21 = "qwen-image-2.1"
@@ -98,6 +102,49 @@ class Feeds:
                 "sigma": np.array([sigma], np.float32)}
 
 
+def fit(feed: Feed, specs: Sequence[TensorSpec]) -> Feed:
+    """``feed`` with every array named in ``specs`` in the shape declared there, when only the shape differs:
+    a rank-folded graph (:func:`qwen_edge.iospec.fold_rank`, the QNN target's 2.1 ``text_kv``) takes and gives
+    the same bytes with merged leading axes. Other arrays pass unchanged (a real mismatch stays one)."""
+    shapes = {t.name: t.shape for t in specs}
+    return {name: value.reshape(shapes[name]) if name in shapes and value.shape != shapes[name]
+            and value.size == math.prod(shapes[name]) else value for name, value in feed.items()}
+
+
+def tabulated(feed: Feed, table: np.ndarray, timesteps: np.ndarray) -> Feed:
+    """A transformer feed (its IOSpec ``sigma``) -> the inputs of a 2.1 transformer exported with its modulation
+    precomputed: ``step_modulation``, the table row (``(steps, 5 * dim)``) of that step's sigma. InputError for
+    a sigma the bundle's schedule does not have (the graph has no timestep embedding to compute it)."""
+    if "sigma" not in feed:
+        return feed
+    sigma = np.float32(np.asarray(feed["sigma"]).reshape(-1)[0])
+    rows = np.flatnonzero(timesteps == sigma)
+    if not rows.size:
+        raise InputError(f"this bundle's transformer has its modulation precomputed for the {len(timesteps)} steps of "
+                         f"its schedule, not for sigma {sigma:.6g}: generate with --steps {len(timesteps)} and no "
+                         "--sigmas (or re-export without --precompute-modulation)")
+    out = {key: value for key, value in feed.items() if key != "sigma"}
+    out["step_modulation"] = table[rows[0]][None]
+    return out
+
+
+def modulation_table(bundle: bundle_mod.Bundle, comp) -> tuple[np.ndarray, np.ndarray] | None:
+    """(table (steps, 5 * dim) float32, the float32 sigma input of each row) of a transformer exported with
+    its modulation precomputed; None for one that computes it from sigma."""
+    if comp is None or not comp.modulation:
+        return None
+    d = bundle.manifest.dims
+    timesteps = np.asarray(comp.modulation["timesteps"], np.float32)
+    try:
+        table = np.load(bundle.path(comp.modulation["file"]), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{comp.modulation['file']} is not a readable .npy table ({e})") from None
+    if table.dtype != np.float32 or table.shape != (len(timesteps), 5 * d.heads * d.head_dim):
+        raise IntegrityError(f"{comp.modulation['file']} holds {table.dtype} {table.shape}, not the float32 "
+                             f"({len(timesteps)}, {5 * d.heads * d.head_dim}) modulation table the manifest declares")
+    return table, timesteps
+
+
 class GraphComponents:
     """:class:`qwen_edge.pipeline.Components` over a bundle's graphs, whoever runs them (``run``)."""
 
@@ -116,6 +163,8 @@ class GraphComponents:
         kv_feed, fixed = self.feeds.prompt(text)
         if kv_feed is not None:  # 2.1: text is modulated at t = 0, its K/V are computed once per prompt
             fixed["text_kv"] = self.run("text_kv", kv_feed)["text_kv"]
+            if not np.isfinite(fixed["text_kv"]).all():
+                raise NumericalError("text_kv produced NaN/Inf (before step 0): the graph overflows; try float32")
         return lambda latents, sigma: self.run("transformer", Feeds.step(fixed, latents, sigma))["velocity"]
 
     def decode(self, z: np.ndarray) -> np.ndarray:
@@ -152,10 +201,15 @@ class OnnxComponents(GraphComponents):
         if missing:
             raise IntegrityError(f"bundle {self.bundle.root} lacks component(s) {', '.join(missing)} needed to "
                                  f"generate (it has: {', '.join(m.components) or 'none'}); re-export it with them")
+        for name in required_components(m.family):  # each graph's I/O as declared, before anything is allocated
+            bundle_mod.check_graph(self.bundle.root, m.components[name])
         super().__init__(m.dims, m.rope, self._run, m.tokenizer.pad_id)
+        self.io = io_components(m.dims)  # the layout callers use; a graph may take it rank-folded (fit)
         self.device, self.low_memory, self.threads = device, low_memory, threads
         self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
         self.sessions: dict[str, object] = {}
+        self.opened: dict[str, str] = {}  # component -> the bundle file its session was opened from
+        self.modulation = modulation_table(self.bundle, m.components.get("transformer"))
 
     def session(self, name: str):
         """The component's session, opened on first use (closing the others first with ``low_memory``)."""
@@ -163,13 +217,31 @@ class OnnxComponents(GraphComponents):
             if self.low_memory:
                 self.close()
             comp = self.bundle.component(name)
-            bundle_mod.check_external_data(self.bundle.root, comp.file, comp.files)
+            bundle_mod.check_graph(self.bundle.root, comp)  # external data inside, I/O as the manifest declares
             # every file's hash: an external-data model's .onnx holds only offsets, its weights can change alone
             key = f"{name}-{hashlib.sha256(repr(sorted(comp.files.items())).encode()).hexdigest()[:16]}"
-            self.sessions[name] = open_session(self.bundle.path(comp.file), self.device, cache_dir=self.cache_dir,
-                                               cache_key=key, threads=self.threads, name=name,
-                                               low_memory=self.low_memory)
+            sess = self._context_session(comp) if self.device == "npu" and comp.context else None
+            if sess is None:
+                sess = open_session(self.bundle.path(comp.file), self.device, cache_dir=self.cache_dir,
+                                    cache_key=key, threads=self.threads, name=name, low_memory=self.low_memory)
+                self.opened[name] = comp.file
+            self.sessions[name] = sess
         return self.sessions[name]
+
+    def _context_session(self, comp: bundle_mod.Component):
+        """The NPU session of ``comp``'s precompiled QNN context (an EPContext model: loads without compiling);
+        None, with a warning, when this device's QNN refuses it (another SoC or QNN version): then the graph is
+        compiled here instead. A context whose files leave the bundle or are not hashed is an IntegrityError."""
+        ctx = dataclasses.replace(comp, file=comp.context["file"])
+        bundle_mod.check_graph(self.bundle.root, ctx)  # the graph's I/O, and its binaries inside and hashed
+        try:
+            sess = _npu_session(self.bundle.path(ctx.file), comp.name)
+        except QwenEdgeError as e:
+            warnings.warn(f"{comp.name}: the precompiled QNN context cannot be used here ({e}); compiling "
+                          f"{comp.file} instead", stacklevel=3)
+            return None
+        self.opened[comp.name] = ctx.file
+        return sess
 
     def close(self) -> None:
         """Free every open session."""
@@ -179,7 +251,14 @@ class OnnxComponents(GraphComponents):
     def _run(self, name: str, feeds: Feed) -> Feed:
         sess = self.session(name)
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+        if name == "transformer" and self.modulation is not None:
+            feeds = tabulated(feeds, *self.modulation)
+        try:
+            outs = sess.run(names, fit(feeds, self.bundle.component(name).io.inputs))
+        except Exception as e:  # a graph that loads but cannot run (a damaged node): one line naming it
+            raise IntegrityError(f"{name}: ONNX Runtime failed running {self.bundle.component(name).file}: "
+                                 f"{_first_line(e)}; re-export the bundle") from None
+        return fit(dict(zip(names, outs)), self.io[name].outputs if name in self.io else ())
 
 
 def pipeline(bundle, device: str = "cpu", low_memory: bool = False, verify: bool = True,

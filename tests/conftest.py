@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 TURBO_SIGMAS = [1.0, 0.9, 0.75, 0.5]
+
+
+# -- the reliability figures in the pytest summary (issue 7): fuzz cases run, named bad-input scenarios -----------
+
+_TALLY = {"bad_input": {"passed": 0, "failed": 0}, "fuzz_failed": 0}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bad_input: a named bad-input scenario asserting its exact error class "
+                                       "(exit code), one line on stderr and that nothing was written")
+
+
+def pytest_runtest_logreport(report):
+    if "bad_input" in report.keywords and (report.when == "call" or report.failed):  # a broken setup counts too
+        if not report.skipped:
+            _TALLY["bad_input"]["passed" if report.passed else "failed"] += 1
+    if report.failed and "test_fuzz.py" in report.nodeid:
+        _TALLY["fuzz_failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    fuzz = next((m.FUZZ_CASES for name, m in list(sys.modules.items())
+                 if name.rpartition(".")[2] == "test_fuzz" and getattr(m, "FUZZ_CASES", None)), None)
+    bad = _TALLY["bad_input"]
+    if not fuzz and not bad["passed"] + bad["failed"]:
+        return
+    terminalreporter.section("reliability (issue 7)")
+    if fuzz:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(fuzz.items()))
+        terminalreporter.write_line(f"fuzz cases run: {sum(fuzz.values())} ({kinds}); failed fuzz tests: "
+                                    f"{_TALLY['fuzz_failed']}")
+    if bad["passed"] + bad["failed"]:
+        terminalreporter.write_line(f"named bad-input scenarios: {bad['passed']} passed, {bad['failed']} failed")
 
 
 @pytest.fixture(scope="session")

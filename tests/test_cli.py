@@ -1,5 +1,5 @@
 """`qwen-edge generate` end to end, and every bad input it can meet: one line, the right exit code,
-no traceback, nothing written."""
+no traceback, nothing written. Each such scenario is marked ``bad_input``; the pytest summary counts them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -94,6 +95,7 @@ def _damage_transformer(ckpt, edit):
 SIZE = ("--height", 64, "--width", 64)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("argv,code,needle", [
     (("generate", ""), InputError.exit_code, "prompt is empty"),
     (("generate", "   \n"), InputError.exit_code, "prompt is empty"),
@@ -113,6 +115,7 @@ def test_bad_arguments(tiny21, tmp_path, capsys, argv, code, needle):
     assert needle in line
 
 
+@pytest.mark.bad_input
 def test_output_must_be_png_in_an_existing_folder(tiny21, tmp_path, capsys):
     out = tmp_path / "o.jpg"
     assert ".png" in fails(capsys, UsageError.exit_code, out, "generate", PROMPT, "--model", tiny21, "-o", out)
@@ -121,6 +124,7 @@ def test_output_must_be_png_in_an_existing_folder(tiny21, tmp_path, capsys):
                                      "-o", out)
 
 
+@pytest.mark.bad_input
 def test_missing_model_directory_and_repo_id(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     out = tmp_path / "o.png"
@@ -144,6 +148,7 @@ def test_repo_id_resolves_from_the_local_hf_cache_offline(tiny21, tmp_path, caps
     assert code == 0 and out.exists(), err
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("damage,code,needle", [
     ("truncate", IntegrityError.exit_code, "cannot read"),
     ("garbage", IntegrityError.exit_code, "cannot read"),
@@ -186,6 +191,7 @@ def test_damaged_checkpoints(ckpt, tmp_path, capsys, damage, code, needle):
     assert needle in line, line
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("noise,needle", [
     (np.zeros((1, 16, 8, 8), np.float32), "shape"),
     (np.zeros((1, 16, 4, 4), np.float64), "float32"),
@@ -202,3 +208,149 @@ def test_bad_noise_files(tiny21, tmp_path, capsys, noise, needle):
     out = tmp_path / "o.png"
     assert needle in fails(capsys, InputError.exit_code, out, "generate", PROMPT, "--model", tiny21, *SIZE,
                            "--noise", path, "-o", out)
+
+
+# -- bundles on the onnx runtime: absurd shapes and inconsistent graphs, refused at load -------------------------
+
+def _bundle_copy(bundle21, tmp_path):
+    return shutil.copytree(bundle21, tmp_path / "bundle")
+
+
+def _edit(bundle, change) -> None:
+    data = json.loads((bundle / "manifest.json").read_text())
+    change(data)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+
+
+def _sides(d, side):
+    d["height"] = d["width"] = d["dims"]["height"] = d["dims"]["width"] = side
+
+
+def _text_len(d, n):
+    d["text_len"] = d["dims"]["text_len"] = d["tokenizer"]["max_length"] = n
+
+
+def _swap_graph(bundle):
+    """transformer.onnx replaced by the text_kv graph (hash updated): a sound file, the wrong graph."""
+    from qwen_edge.bundle import sha256_file
+
+    shutil.copyfile(bundle / "text_kv.onnx", bundle / "transformer.onnx")
+    _edit(bundle, lambda d: d["components"]["transformer"]["files"].update(
+        {"transformer.onnx": sha256_file(bundle / "transformer.onnx")}))
+
+
+def _nest(d, depth):
+    node = d["source"]
+    for _ in range(depth):
+        node["x"] = {}
+        node = node["x"]
+
+
+ABSURD = {  # name -> (edit of a copy of bundle21, words of the one error line)
+    "height 1e9": (lambda b: _edit(b, lambda d: _sides(d, 10**9)), "height must be an integer in [1, 16384]"),
+    "text_len 1e8": (lambda b: _edit(b, lambda d: _text_len(d, 10**8)), "text_len must be an integer in [1, 8192]"),
+    "heads 2^62": (lambda b: _edit(b, lambda d: d["dims"].update(heads=2**62)), "dims.heads must be an integer"),
+    "tensor of 2^41 elements": (lambda b: _edit(b, lambda d: d["components"]["transformer"]["inputs"][0].update(
+        shape=[1, 2**37, 16])), "more than 1073741824 elements"),
+    "dims not a multiple of the grid": (lambda b: _edit(b, lambda d: _sides(d, 80)), "multiples of 32"),
+    "I/O not what dims give": (lambda b: _edit(b, lambda d: d["components"]["vae_decoder"]["outputs"][0].update(
+        shape=[1, 4, 128, 128])), "its dims give [1, 4, 64, 64]"),
+    "graph I/O not what the manifest says": (lambda b: _edit(b, lambda d: d["components"]["vae_decoder"]["inputs"][0]
+                                                             .update(shape=[1, 16, 2, 8])),
+                                             "the graph's 'latents' is [1, 16, 4, 4]"),
+    "another graph under the name": (_swap_graph, "transformer.onnx: the graph's inputs"),
+    "rope not summing to head_dim": (lambda b: _edit(b, lambda d: d["rope"].update(axes_dims=[8, 8, 8])),
+                                     "sum to dims.head_dim"),
+    "template with other braces": (lambda b: _edit(b, lambda d: d["tokenizer"].update(template="{x} {}")),
+                                   "no other braces"),
+    "scheduler of wrong types": (lambda b: _edit(b, lambda d: d["sampler"]["scheduler"].update(shift="big")),
+                                 "sampler.scheduler"),
+    "JSON nested 40 deep": (lambda b: _edit(b, lambda d: _nest(d, 40)), "nests deeper than 32"),
+    "5000-digit number": (lambda b: (b / "manifest.json").write_text(
+        (b / "manifest.json").read_text().replace('"steps": 4', '"steps": ' + "9" * 5000, 1)), "not valid JSON"),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", ABSURD)
+def test_absurd_bundles_are_refused_at_load(bundle21, tmp_path, capsys, monkeypatch, name):
+    """Exit 4, one line, nothing written, and nothing large allocated on the way (traced peak < 32 MB)."""
+    import tracemalloc
+
+    monkeypatch.setenv("QWEN_EDGE_CACHE", str(tmp_path / "cache"))
+    bundle = _bundle_copy(bundle21, tmp_path)
+    edit, needle = ABSURD[name]
+    edit(bundle)
+    out = tmp_path / "o.png"
+    tracemalloc.start()
+    try:
+        line = fails(capsys, IntegrityError.exit_code, out, "generate", PROMPT, "--runtime", "onnx",
+                     "--bundle", bundle, "-o", out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert needle in line, line
+    assert peak < 32 << 20, peak
+
+
+# -- numerical faults: the component and the step named, exit 5, nothing written ----------------------------------
+
+def _nan_weights_onnx(bundle, component: str) -> None:
+    """The component's largest weight set to NaN in the graph (its hash updated): a real NaN through ORT."""
+    import onnx
+    from onnx import numpy_helper
+
+    from qwen_edge.bundle import sha256_file
+
+    path = bundle / f"{component}.onnx"
+    model = onnx.load(str(path))
+    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    weight.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(weight).shape, np.nan, np.float32),
+                                            weight.name))
+    onnx.save(model, str(path))
+    _edit(bundle, lambda d: d["components"][component]["files"].update({path.name: sha256_file(path)}))
+
+
+USED = {"text_encoder": "embed_tokens", "transformer": "", "vae": "decoder"}  # weights the runtime reads
+
+
+def _nan_weights_torch(ckpt, folder: str) -> None:
+    """The component's largest weight that generation uses set to NaN in the checkpoint."""
+    path = next((ckpt / folder).glob("*.safetensors"))
+    state = load_file(path)
+    key = max((k for k in state if USED[folder] in k), key=lambda k: state[k].numel())
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, path)
+
+
+NAN_ONNX = {"text_encoder": "text_encoder produced NaN/Inf", "text_kv": "text_kv produced NaN/Inf",
+            "transformer": "transformer output made the latents NaN/Inf at step 0",
+            "vae_decoder": "vae_decoder produced NaN/Inf"}
+NAN_TORCH = {"text_encoder": "text_encoder produced NaN/Inf",
+             "transformer": "transformer output made the latents NaN/Inf at step 0",
+             "vae": "vae_decoder produced NaN/Inf"}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("component", NAN_ONNX)
+def test_nan_in_a_bundle_component_is_named(bundle21, tmp_path, capsys, monkeypatch, component):
+    from qwen_edge.errors import NumericalError
+
+    monkeypatch.setenv("QWEN_EDGE_CACHE", str(tmp_path / "cache"))
+    bundle = _bundle_copy(bundle21, tmp_path)
+    _nan_weights_onnx(bundle, component)
+    out = tmp_path / "o.png"
+    line = fails(capsys, NumericalError.exit_code, out, "generate", PROMPT, "--runtime", "onnx", "--bundle", bundle,
+                 "-o", out)
+    assert NAN_ONNX[component] in line, line
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("folder", NAN_TORCH)
+def test_nan_in_a_torch_component_is_named(ckpt, tmp_path, capsys, folder):
+    from qwen_edge.errors import NumericalError
+
+    _nan_weights_torch(ckpt, folder)
+    out = tmp_path / "o.png"
+    line = fails(capsys, NumericalError.exit_code, out, "generate", PROMPT, "--model", ckpt, *SIZE, "-o", out)
+    assert NAN_TORCH[folder] in line, line

@@ -2,7 +2,9 @@
 
 w8a16 QDQ graphs of the tiny v1 transformer and VAE decoder, calibrated on the torch pipeline's own
 trajectory, run on the QNN execution provider's HTP backend with the CPU fallback disabled (so every node
-really runs on the "NPU"); a node the backend cannot run is an error that names it.
+really runs on the "NPU"); a node the backend cannot run is an error that names it. The tiny 2.1 model goes
+through ``export --target qnn --qnn-context`` and generates on the emulated NPU end to end, from its
+precompiled QNN contexts and from its QDQ graphs compiled at load.
 """
 
 from __future__ import annotations
@@ -114,3 +116,107 @@ def test_dynamic_shapes_are_refused(tmp_path):
 def test_unknown_backend(v1):
     with pytest.raises(InputError, match="unknown QNN backend"):
         qnn.session(v1.paths["transformer"], backend="dsp")
+
+
+# -- 2.1 end to end: export --target qnn --qnn-context, generate --device npu ------------------------------------
+
+PROMPT_21 = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def bundle21_qnn(tiny21, tmp_path_factory):
+    """tiny21 as a w8a16 QNN bundle with precompiled contexts (one calibration prompt keeps it ~40 s)."""
+    from qwen_edge.export.onnx import export_bundle
+
+    out = tmp_path_factory.mktemp("qnn21") / "bundle"
+    export_bundle(out, tiny21, target="qnn", height=SIZE, width=SIZE, text_len=TEXT_LEN, qnn_context=True,
+                  prompts=[PROMPT_21])
+    return out
+
+
+def _without_contexts(bundle, dst):
+    """A copy of ``bundle`` whose manifest lists no precompiled context (the runtime compiles the QDQ graphs)."""
+    import json
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for comp in manifest["components"].values():
+        comp.pop("context")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_21_qnn_bundle_folds_text_kv_to_rank_5(bundle21_qnn):
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from qwen_edge import bundle as bundle_mod
+
+    data = json.loads((bundle21_qnn / "manifest.json").read_text())
+    jsonschema.Draft202012Validator(json.loads(bundle_mod.SCHEMA.read_text())).validate(data)
+    m = bundle_mod.load(bundle21_qnn).manifest
+    d = m.dims
+    assert m.components["text_kv"].io.outputs[0].shape == (d.layers * 2, 1, d.heads, d.text_len, d.head_dim)
+    assert m.components["transformer"].io == iospec.components(d, 5)["transformer"]
+    assert all(len(t.shape) <= 5 for c in m.components.values() for t in c.io.inputs + c.io.outputs)
+    for comp in m.components.values():  # every graph precompiled, hashed with the component
+        ctx = comp.context
+        assert ctx["file"] == f"{comp.name}_ctx.onnx" and ctx["binaries"] == [f"{comp.name}_ctx_qnn.bin"]
+        assert {ctx["file"], *ctx["binaries"]} <= set(comp.files) and comp.quant["context_psnr_db"] >= 60
+        assert ctx["compiled_with"]["onnxruntime_qnn"]
+
+
+def test_21_generates_on_htp_from_contexts_and_from_graphs(bundle21_qnn, tiny21, tmp_path, capsys):
+    """``generate --device npu``: the image is torch's within the w8a16 bar (43.5 dB measured), and the same,
+    bit for bit, whether the NPU graphs come precompiled or are compiled at load."""
+    import dataclasses
+
+    from PIL import Image
+    from qwen_edge.cli import main
+    from qwen_edge.export.onnx import image_psnr
+    from qwen_edge.pipeline import Pipeline, Request
+    from qwen_edge.runtimes.onnx import pipeline
+    from qwen_edge.runtimes.torch import TorchComponents
+    from qwen_edge.spec import ModelSpec
+
+    out = tmp_path / "npu.png"
+    assert main(["generate", PROMPT_21, "--runtime", "onnx", "--bundle", str(bundle21_qnn), "--device", "npu",
+                 "--seed", "1", "--output", str(out)]) == 0
+    from_contexts = np.asarray(Image.open(out).convert("RGB"))
+    spec = ModelSpec.from_checkpoint(tiny21)
+    spec = dataclasses.replace(spec, template=dataclasses.replace(spec.template, max_length=TEXT_LEN))
+    *_, ref = Pipeline(spec, TorchComponents(spec)).generate(Request(PROMPT_21, SIZE, SIZE, steps=STEPS, seed=1))
+    assert image_psnr(from_contexts, ref.image) >= 30
+
+    plain = pipeline(_without_contexts(bundle21_qnn, tmp_path / "plain"), device="npu", cache=False)
+    *_, last = plain.generate(Request(PROMPT_21, SIZE, SIZE, steps=STEPS, seed=1))
+    assert set(plain.components.opened.values()) == {f"{c}.onnx" for c in plain.components.opened}
+    assert np.array_equal(last.image, from_contexts)
+
+
+def test_context_binary_must_stay_inside_the_bundle(bundle21_qnn, tmp_path):
+    """An EPContext model naming a binary outside the bundle is refused before QNN reads anything."""
+    import json
+    import shutil
+
+    import onnx
+    from qwen_edge import bundle as bundle_mod
+    from qwen_edge.errors import IntegrityError
+    from qwen_edge.runtimes.onnx import OnnxComponents
+
+    root = tmp_path / "evil"
+    shutil.copytree(bundle21_qnn, root)
+    model = onnx.load(str(root / "vae_decoder_ctx.onnx"))
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name == "ep_cache_context":
+                attr.s = b"../outside_qnn.bin"
+    onnx.save(model, str(root / "vae_decoder_ctx.onnx"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["components"]["vae_decoder"]["files"]["vae_decoder_ctx.onnx"] = \
+        bundle_mod.sha256_file(root / "vae_decoder_ctx.onnx")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    components = OnnxComponents(root, device="npu", cache=False)
+    with pytest.raises(IntegrityError, match="outside_qnn.bin"):
+        components.session("vae_decoder")

@@ -235,11 +235,11 @@ def test_read_prompts_skips_comments_and_blank_lines(tmp_path):
 def test_cli_mismatched_reference_exits_3(bundle21, tiny_v1, tmp_path, capsys):
     other = shutil.copytree(bundle21, tmp_path / "other")
 
-    def resize(d):  # the same graphs claimed at another size: refused before anything runs
-        d["height"] = d["dims"]["height"] = 96
-    _rewrite(other, resize)
+    def retheta(d):  # the same graphs with other rotary tables: refused before anything runs (a claimed other
+        d["rope"]["theta"] = 500.0  # size would not load at all: its graphs' I/O would contradict it, exit 4)
+    _rewrite(other, retheta)
     assert main(["verify", "--bundle", str(bundle21), "--reference", str(other)]) == 3
-    assert "height is 96 there, 64 here" in one_error_line(capsys)
+    assert "rope is {'axes_dims': [8, 12, 12], 'theta': 500.0} there" in one_error_line(capsys)
     assert main(["verify", "--bundle", str(bundle21), "--model", str(tiny_v1)]) == 3
     assert "is qwen-image, the bundle qwen-image-2.1" in one_error_line(capsys)
     assert main(["verify", "--bundle", str(bundle21), "--bundle", str(other)]) == 3
