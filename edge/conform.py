@@ -400,7 +400,7 @@ def _pipeline(b: bundle_mod.Bundle, runtime: str, model, threads: int | None) ->
 
 def ort_format_components(b: bundle_mod.Bundle, threads: int | None = None, verify: bool = True):
     """The bundle's ORT-format models (``manifest.ort``) as pipeline components on ONNX Runtime (CPU)."""
-    from qwen_edge.runtimes.onnx import GraphComponents, open_session, required_components
+    from qwen_edge.runtimes.onnx import GraphComponents, GraphIO, open_session, required_components
 
     m, section = b.manifest, b.manifest.ort
     if not section:
@@ -414,9 +414,11 @@ def ort_format_components(b: bundle_mod.Bundle, threads: int | None = None, veri
     sessions = {name: open_session(b.path(models[name]), "cpu", threads=threads, name=name)
                 for name in required_components(m.family)}
 
+    graph_io = GraphIO(b)  # folded ranks, a tabulated modulation: as the ONNX runtime feeds them
+
     def run(name: str, feed: dict) -> dict:
         names = [o.name for o in sessions[name].get_outputs()]
-        return dict(zip(names, sessions[name].run(names, feed)))
+        return graph_io.outputs(name, dict(zip(names, sessions[name].run(names, graph_io.inputs(name, feed)))))
 
     return GraphComponents(m.dims, m.rope, run, m.tokenizer.pad_id)
 

@@ -11,7 +11,10 @@ Two layers:
   :mod:`qwen_edge.rope` / :mod:`qwen_edge.rope_v1`) and back. It runs graphs through any
   ``run(component, feeds) -> outputs`` function, so the exporter drives the same code with torch modules to
   record real sample inputs, and calibration can reuse :class:`Feeds`.
-- :class:`OnnxComponents` supplies ``run`` from ONNX Runtime sessions opened on a verified bundle.
+- :class:`OnnxComponents` supplies ``run`` from ONNX Runtime sessions opened on a verified bundle; its
+  :class:`GraphIO` adapts the IOSpec layout to graphs the manifest declares otherwise (a QNN bundle's rank-5
+  ``text_kv``, a transformer taking its precomputed ``step_modulation``). On the NPU a component's precompiled
+  QNN context is opened when the bundle has one.
 
 For 2.1 the text keys/values are computed once per prompt by the ``text_kv`` graph and every step runs
 only the image tokens (``transformer``).
@@ -145,6 +148,26 @@ def modulation_table(bundle: bundle_mod.Bundle, comp) -> tuple[np.ndarray, np.nd
     return table, timesteps
 
 
+class GraphIO:
+    """The boundary between the pipeline's layout of every graph's I/O (``iospec.components(dims)``, what
+    :class:`Feeds` builds and callers read) and a bundle's graphs as the manifest declares them: rank-folded
+    tensors (:func:`fit`) and a 2.1 transformer taking its tabulated modulation (:func:`tabulated`)."""
+
+    def __init__(self, bundle: bundle_mod.Bundle):
+        m = bundle.manifest
+        self.graphs = {name: comp.io for name, comp in m.components.items()}
+        self.canonical = io_components(m.dims)
+        self.modulation = modulation_table(bundle, m.components.get("transformer"))
+
+    def inputs(self, name: str, feed: Feed) -> Feed:
+        if name == "transformer" and self.modulation is not None:
+            feed = tabulated(feed, *self.modulation)
+        return fit(feed, self.graphs[name].inputs)
+
+    def outputs(self, name: str, outs: Feed) -> Feed:
+        return fit(outs, self.canonical[name].outputs if name in self.canonical else ())
+
+
 class GraphComponents:
     """:class:`qwen_edge.pipeline.Components` over a bundle's graphs, whoever runs them (``run``)."""
 
@@ -204,12 +227,11 @@ class OnnxComponents(GraphComponents):
         for name in required_components(m.family):  # each graph's I/O as declared, before anything is allocated
             bundle_mod.check_graph(self.bundle.root, m.components[name])
         super().__init__(m.dims, m.rope, self._run, m.tokenizer.pad_id)
-        self.io = io_components(m.dims)  # the layout callers use; a graph may take it rank-folded (fit)
+        self.graph_io = GraphIO(self.bundle)
         self.device, self.low_memory, self.threads = device, low_memory, threads
         self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
         self.sessions: dict[str, object] = {}
         self.opened: dict[str, str] = {}  # component -> the bundle file its session was opened from
-        self.modulation = modulation_table(self.bundle, m.components.get("transformer"))
 
     def session(self, name: str):
         """The component's session, opened on first use (closing the others first with ``low_memory``)."""
@@ -251,14 +273,13 @@ class OnnxComponents(GraphComponents):
     def _run(self, name: str, feeds: Feed) -> Feed:
         sess = self.session(name)
         names = [o.name for o in sess.get_outputs()]
-        if name == "transformer" and self.modulation is not None:
-            feeds = tabulated(feeds, *self.modulation)
+        feeds = self.graph_io.inputs(name, feeds)
         try:
-            outs = sess.run(names, fit(feeds, self.bundle.component(name).io.inputs))
+            outs = sess.run(names, feeds)
         except Exception as e:  # a graph that loads but cannot run (a damaged node): one line naming it
             raise IntegrityError(f"{name}: ONNX Runtime failed running {self.bundle.component(name).file}: "
                                  f"{_first_line(e)}; re-export the bundle") from None
-        return fit(dict(zip(names, outs)), self.io[name].outputs if name in self.io else ())
+        return self.graph_io.outputs(name, dict(zip(names, outs)))
 
 
 def pipeline(bundle, device: str = "cpu", low_memory: bool = False, verify: bool = True,

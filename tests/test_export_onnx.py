@@ -240,3 +240,51 @@ def test_manifest_context_entries_name_hashed_files(bundle21, context, match):
     data["components"]["transformer"]["context"] = context
     with pytest.raises(IntegrityError, match=match):
         bundle_mod.Manifest.from_json(data)
+
+
+# -- 2.1 transformer with its modulation precomputed per step (issue 4) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle21_table(tiny21, tmp_path_factory):
+    out = tmp_path_factory.mktemp("table") / "tiny21"
+    export_onnx.export_bundle(out, tiny21, height=64, width=64, text_len=BUNDLE_TEXT_LEN, precompute_modulation=True,
+                              prompts=[OTHER_PROMPT])
+    return out
+
+
+def test_precomputed_modulation_leaves_the_timestep_path_out(bundle21_table, bundle21):
+    jsonschema = pytest.importorskip("jsonschema")
+    data = json.loads((bundle21_table / "manifest.json").read_text())
+    jsonschema.Draft202012Validator(json.loads(bundle_mod.SCHEMA.read_text())).validate(data)
+    m = bundle_mod.load(bundle21_table).manifest
+    comp = m.components["transformer"]
+    dim = m.dims.heads * m.dims.head_dim
+    assert comp.io == iospec.components(m.dims, modulation=True)["transformer"]
+    assert [t.name for t in comp.io.inputs][2] == "step_modulation" and comp.io.inputs[2].shape == (1, 5 * dim)
+    want = [schedule.model_timestep(s) for s in m.sampler.sigmas[:-1]]
+    assert comp.modulation["timesteps"] == want and comp.modulation["file"] in comp.files
+    assert np.load(bundle21_table / comp.modulation["file"]).shape == (m.sampler.steps, 5 * dim)
+    names = {t.name for t in onnx.load(str(bundle21_table / comp.file)).graph.initializer}
+    assert not [n for n in names if "time_text_embed" in n or n.startswith(("model.modulation", "model.norm_out"))]
+    assert (bundle21_table / comp.file).stat().st_size < (bundle21 / "transformer.onnx").stat().st_size
+    assert comp.fidelity["psnr_db"] >= 60 and m.fidelity["image_psnr_db"] >= 45  # the table is torch's own rows
+
+
+def test_precomputed_modulation_generates_the_same_image(bundle21_table, bundle21):
+    """Same noise and schedule: the tabulated bundle matches the sigma bundle; other step counts are refused."""
+    from qwen_edge.pipeline import Request
+    from qwen_edge.runtimes.onnx import pipeline
+
+    req = Request(OTHER_PROMPT, 64, 64, steps=4, seed=3)
+    images = [list(pipeline(b, cache=False).generate(req))[-1].image for b in (bundle21_table, bundle21)]
+    assert export_onnx.image_psnr(*images) >= 45
+    with pytest.raises(InputError, match="precomputed for the 4 steps"):
+        list(pipeline(bundle21_table, cache=False).generate(dataclasses.replace(req, steps=6)))
+
+
+def test_precompute_modulation_needs_a_21_transformer(tiny_v1, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["export", "--model", str(tiny_v1), "--out", str(out), "--precompute-modulation"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2.1 transformer" in err[0] and not out.exists()
