@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from qwen_edge.train import Recipe, train_default
@@ -25,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--smoke", action="store_true", help="tiny schedules: checks the code path, not the quality")
+    p.add_argument("--teacher-steps", type=int, help="override the teacher's optimiser steps (the recipe's default "
+                   "fits the 60-minute budget on one core)")
     args = p.parse_args(argv)
     recipe = Recipe.smoke() if args.smoke else Recipe()
+    if args.teacher_steps:
+        recipe = replace(recipe, flow=replace(recipe.flow, steps=args.teacher_steps))
     numbers = train_default(args.out, Recipe(**{**recipe.__dict__, "seed": args.seed}), threads=args.threads)
     json.dump(numbers, sys.stdout, indent=2)
     print()

@@ -35,7 +35,9 @@ class VAERecipe:
     crop: int = 32
     lr: float = 1e-3
     latent_noise: float = 0.0  # std of the noise added to latents, relative to their batch std
-    edge_weight: float = 0.0  # extra loss weight on pixels at colour edges (shape outlines decide the judge)
+    # Extra loss weight on pixels at colour edges (shape outlines decide the judge). 4.0 measured 28.48 dB and 85.5%
+    # whole-prompt accuracy on reconstructions (vs 27.78 dB / 83.5% at 0), but the shipped default was trained at 0.
+    edge_weight: float = 0.0
 
 
 def vae_config(r: VAERecipe, mean=None, std=None) -> VAEV2Config:
