@@ -99,6 +99,21 @@ def test_fp32_bundle_reproduces_torch(b32):
     assert figures["image_psnr_db"] >= 45.0
 
 
+def test_verify_command_reads_a_coreml_bundle(b16, tiny21_3):
+    """``qwen-edge verify`` on a chunked fp16 Core ML bundle, through the MIL interpreter here: per-component and
+    image figures against the torch fp32 pipeline meet the issue's fp16 bars (components >= 35 dB, image >= 40)."""
+    from qwen_edge.verify import verify
+
+    report = verify([b16], reference="torch", prompts=["a red circle", "a blue square"],
+                    model=str(tiny21_3), progress=False).to_json()
+    (bundle,) = report["bundles"]
+    assert report["passed"] and not report["failures"], report["failures"]
+    comps = bundle["components"]
+    assert {"text_encoder", "transformer", "vae_decoder"} <= set(comps)
+    assert all(c["psnr_db"] >= 35 for c in comps.values()), comps
+    assert bundle["target"] == "coreml" and bundle["image"]["psnr_db"] >= 40, bundle["image"]  # worst prompt
+
+
 def test_manifest_matches_the_schema_and_chains_chunks(b16):
     jsonschema = pytest.importorskip("jsonschema")
     data = json.loads((b16 / "manifest.json").read_text())
