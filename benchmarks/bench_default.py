@@ -211,10 +211,11 @@ def npu(bundle: Path, threads: int) -> dict:
     from qwen_edge import bundle as bundle_mod
     from qwen_edge.fresh_process import latency_feeds
     from qwen_edge.errors import QwenEdgeError
-    from qwen_edge.runtimes.onnx import open_session
+    from qwen_edge.runtimes.onnx import GraphIO, open_session
 
     feeds = latency_feeds(bundle, threads)
     b = bundle_mod.load(bundle)
+    io = GraphIO(b)
     out = {}
     for name, feed in tqdm(feeds.items(), desc="QNN HTP emulator", unit="graph", file=sys.stderr):
         try:
@@ -222,9 +223,7 @@ def npu(bundle: Path, threads: int) -> dict:
         except QwenEdgeError as e:
             out[name] = {"error": str(e)}
             continue
-        # A --target qnn graph may declare a folded rank (2.1's text_kv at rank 5): same data, the graph's shape.
-        shapes = {i.name: i.shape for i in sess.get_inputs()}
-        feed = {k: v.reshape(shapes[k]) if all(isinstance(d, int) for d in shapes[k]) else v for k, v in feed.items()}
+        feed = io.inputs(name, feed)  # the graph's own layout (a --target qnn text_kv is rank-folded)
         times = []
         for _ in range(3):
             start = time.perf_counter()

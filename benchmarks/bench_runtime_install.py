@@ -84,13 +84,9 @@ def default_model(scratch: Path) -> tuple[Path, str]:
 
 def make_venv(folder: Path, scratch: Path) -> tuple[Path, float]:
     """A fresh venv with ``<checkout>[runtime]`` installed from a copy of the sources; (its python, seconds)."""
-    src = scratch / "src"
-    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    for name in ("edge", "export", "quant", "runtimes"):
-        shutil.copytree(REPO / name, src / name, ignore=skip)
+    from qwen_edge.testing import copy_sources
+
+    src = copy_sources(REPO, scratch / "src")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     python = folder / "bin" / "python"

@@ -67,6 +67,20 @@ class TinyTokenizer:
     token_ids: dict[str, int]
 
 
+def copy_sources(repo: Path, dst: Path) -> Path:
+    """The package sources of the checkout at ``repo`` copied into ``dst`` (pyproject, README, the four package
+    folders; no caches or build leftovers), so pip builds from a private copy, not in the shared tree."""
+    import shutil
+
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    dst.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, dst / name)
+    for name in ("edge", "export", "quant", "runtimes"):
+        shutil.copytree(repo / name, dst / name, ignore=skip)
+    return dst
+
+
 def train_tiny_tokenizer(out_dir, corpus: list[str] | None = None, vocab_size: int = 1000) -> TinyTokenizer:
     """Train a byte-level BPE tokenizer shaped like Qwen's and write it where ``AutoTokenizer`` and
     ``tokenizers.Tokenizer.from_file`` both load it.

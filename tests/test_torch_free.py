@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from qwen_edge import bundle as bundle_mod
+from qwen_edge import testing
 from qwen_edge.errors import IntegrityError
 from qwen_edge.pipeline import Pipeline, Request
 
@@ -160,17 +160,6 @@ NO_INDEX = re.compile(r"No matching distribution|Could not find a version|NewCon
                       r"Network is unreachable|Temporary failure in name resolution")
 
 
-def _checkout_copy(dst: Path) -> Path:
-    """The checkout's package sources: pip then builds in a temporary copy, not in the shared tree."""
-    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    dst.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, dst / name)
-    for name in ("edge", "export", "quant", "runtimes"):
-        shutil.copytree(REPO / name, dst / name, ignore=skip)
-    return dst
-
-
 @pytest.mark.slow
 def test_fresh_venv_with_runtime_extra_generates(bundle21, torch_image, tmp_path):
     env_dir = tmp_path / "venv"
@@ -178,7 +167,7 @@ def test_fresh_venv_with_runtime_extra_generates(bundle21, torch_image, tmp_path
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["QWEN_EDGE_CACHE"] = str(tmp_path / "ort-cache")
-    src = _checkout_copy(tmp_path / "src")
+    src = testing.copy_sources(REPO, tmp_path / "src")
     pip = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--disable-pip-version-check",
                           f"{src}[runtime]"], capture_output=True, text=True, env=env, timeout=240,
                          check=False)
