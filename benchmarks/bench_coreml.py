@@ -91,8 +91,7 @@ def child_component(model: str, name: str, size: int, text_len: int, quants: lis
     with tempfile.TemporaryDirectory() as tmp:
         mlmodel = coreml.convert(module, io, feed, quant="fp16")
         fp16 = Path(tmp) / "fp16.mlpackage"
-        with coreml._quiet():
-            mlmodel.save(str(fp16))
+        coreml.save_package(mlmodel, fp16)
         seconds = time.perf_counter() - start
         result = {"component": name, "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_mb()),
                   "params": sum(p.numel() for p in module.parameters()),
@@ -102,26 +101,29 @@ def child_component(model: str, name: str, size: int, text_len: int, quants: lis
         for quant in quants:
             path = Path(tmp) / f"{quant}.mlpackage"
             source = ios18 if quant == "int4" else mlmodel  # per-block 4-bit needs an iOS 18 program
-            with coreml._quiet():
-                coreml.compress(source, quant, ios18=quant == "int4").save(str(path))
+            coreml.save_package(coreml.compress(source, quant, ios18=quant == "int4"), path)
             result["sizes"][quant] = _package_bytes(path)
             result["weights"][quant] = _package_bytes(path, True)
             result["psnr_db"][quant] = coreml.package_parity(path, io, [feed], refs)["psnr_db"]
     return result
 
 
-def child_recipe(model: str, quant: str, size: int, text_len: int, accuracy: int) -> dict:
-    """A whole bundle with one recipe: its size, the fidelity its export gates measured (interpreter vs torch)
-    and, with ``accuracy`` > 0, the world evaluator's whole-prompt accuracy over that many held-out prompts."""
+def child_recipe(model: str, recipe: str, size: int, text_len: int, accuracy: int) -> dict:
+    """A whole bundle with one recipe (``quant`` or ``quant:ios18``; int4 is always iOS 18): its size, the
+    fidelity its export gates measured (interpreter vs torch) and, with ``accuracy`` > 0, the world evaluator's
+    whole-prompt accuracy over that many held-out prompts."""
     from qwen_edge.export import coreml
 
+    quant, _, target = recipe.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         m = coreml.export_coreml(Path(tmp) / "b", model, quant=quant, height=size, width=size, text_len=text_len,
-                                 ios18=quant == "int4", min_component_psnr=0.0, min_image_psnr=0.0)
+                                 ios18=quant == "int4" or target == "ios18", min_component_psnr=0.0,
+                                 min_image_psnr=0.0)
         comps = {name: c.fidelity["psnr_db"] for name, c in m.components.items()}
-        result = {"quant": quant, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_peak_mb()),
-                  "bundle_bytes": _package_bytes(Path(tmp) / "b"), "image_psnr_db": m.fidelity["image_psnr_db"],
+        result = {"quant": recipe, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_peak_mb()),
+                  "bundle_bytes": _package_bytes(Path(tmp) / "b"),
+                  "weight_bytes": _package_bytes(Path(tmp) / "b", weights_only=True), "image_psnr_db": m.fidelity["image_psnr_db"],
                   "components": comps}
         if accuracy:
             from qwen_edge.runtimes.coreml import pipeline
@@ -200,7 +202,8 @@ def main() -> None:
     p.add_argument("--full-blocks", default="1,2", help="full-size 2.1 chunk sizes in blocks ('' to skip)")
     p.add_argument("--full-size", type=int, default=256, help="image size for the full-size chunk (default 256)")
     p.add_argument("--recipes", default="fp16,int8,palette8,palette6,palette4,int4,mixed",
-                   help="whole bundles exported per recipe ('' to skip)")
+                   help="whole bundles exported per recipe ('' to skip); QUANT:ios18 for an iOS 18 bundle (2.1's "
+                        "text_kv then shares the transformer's packages; int4 always is)")
     p.add_argument("--no-components", action="store_true", help="skip the per-component table")
     p.add_argument("--accuracy", type=int, default=0, help="held-out prompts for the world evaluator's accuracy "
                    "per recipe (the embedded default model; 0: skip)")
@@ -250,17 +253,19 @@ def main() -> None:
                 ref = _child(["torch_accuracy", model, str(args.size), str(args.accuracy)])["accuracy"]
                 print(f"torch fp32 pipeline: whole-prompt accuracy {100 * ref:.1f} % over {args.accuracy} held-out "
                       "prompts (qwen_edge.world evaluator)")
-            print("| recipe | bundle KB | vs fp16 | image PSNR dB | component PSNR dB | accuracy % | export s | "
-                  "peak RSS MB |")
-            print("|---|---|---|---|---|---|---|---|")
-            base_size = None
+            print("| recipe | bundle KB | vs fp16 | weight blobs KB (vs fp16) | image PSNR dB | component PSNR dB | "
+                  "accuracy % | export s | peak RSS MB |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            base = None
             for quant in recipes:
                 r = _child(["recipe", model, quant, str(args.size), str(args.text_len), str(args.accuracy)])
-                base_size = base_size or (r["bundle_bytes"] if quant == "fp16" else None)
-                ratio = f"{r['bundle_bytes'] / base_size:.2f}x" if base_size else "-"
+                base = base or (r if quant == "fp16" else None)
+                ratio = f"{r['bundle_bytes'] / base['bundle_bytes']:.3f}x" if base else "-"
+                blobs = f"{r['weight_bytes'] / 1024:.0f}" + (f" ({r['weight_bytes'] / base['weight_bytes']:.3f}x)"
+                                                              if base else "")
                 comps = ", ".join(f"{k} {v:.1f}" for k, v in r["components"].items())
                 acc = f"{100 * r['accuracy']:.1f}" if "accuracy" in r else "-"
-                print(f"| {quant} | {r['bundle_bytes'] / 1024:.0f} | {ratio} | {r['image_psnr_db']:.1f} | {comps} | "
+                print(f"| {quant} | {r['bundle_bytes'] / 1024:.0f} | {ratio} | {blobs} | {r['image_psnr_db']:.1f} | {comps} | "
                       f"{acc} | {r['seconds']} | {r['peak_rss_mb']} |")
             print()
     blocks = [int(b) for b in args.full_blocks.split(",") if b.strip()]

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_default.py [--prompts 50] [--runs 5] [--threads N] [--work DIR] [--json FILE] [--fresh]
                                        [--recipes fp32,fp16,int8,int4,mixed,w8a16] [--text-len 32]
+                                       [--model DIR] [--sizes-only]
 
 1. Exports the embedded default (``edge/assets/default``, 128x128, 4 steps) to a bundle per recipe with
    ``qwen_edge.export.onnx.export_bundle``: fp32, fp16, int8, int4, mixed and w8a16 (``--target qnn``, the QNN
@@ -24,6 +25,10 @@
    median of 3 calls, or the backend's one-line refusal.
 
 Prints markdown tables and the issue-4 targets (met / not met); ``--json`` also writes every figure.
+``--sizes-only`` stops after step 1 and prints the bundle sizes (per component, the weights 2.1's text_kv and
+transformer share counted once in the total) against fp32 and the size targets; with ``--model DIR`` the bundles
+are exported from another checkpoint (e.g. ``benchmarks/random_checkpoint.py``'s larger random 2.1, where the
+transformer and text encoder dominate as in real checkpoints; the other steps assume the embedded default).
 """
 
 from __future__ import annotations
@@ -65,15 +70,16 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def export_all(work: Path, recipes, text_len: int, fresh: bool = False) -> dict[str, dict]:
+def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: Path | None = None) -> dict[str, dict]:
     """{recipe: {"bundle": Path | None, "target", "export_s", "error"/"note"}}, exporting what the cache lacks
-    (everything with ``fresh``). A w8a16 bundle that fell back to ``--target onnx`` is not reused: the QNN
-    export is tried again, in case the HTP backend (or qwen-edge) now runs every graph."""
+    (everything with ``fresh``) from ``model`` (None: the embedded default). A w8a16 bundle that fell back to
+    ``--target onnx`` is not reused: the QNN export is tried again, in case the HTP backend (or qwen-edge) now
+    runs every graph."""
     from qwen_edge.spec import default_model
     from qwen_edge.world import prompts
 
     calibration = prompts("train", 4, seed=1)
-    key = {"model": fingerprint(default_model()), "text_len": text_len, "steps": 4, "prompts": calibration}
+    key = {"model": fingerprint(model or default_model()), "text_len": text_len, "steps": 4, "prompts": calibration}
     out = {}
     for recipe in tqdm(recipes, desc="bundles", unit="recipe", file=sys.stderr):
         stamp = work / f"{recipe}.json"
@@ -83,13 +89,13 @@ def export_all(work: Path, recipes, text_len: int, fresh: bool = False) -> dict[
                 and Path(cached["bundle"]).is_dir()):
             out[recipe] = {**cached, "bundle": cached["bundle"] and Path(cached["bundle"])}
             continue
-        out[recipe] = _export(work, recipe, text_len, calibration)
+        out[recipe] = _export(work, recipe, text_len, calibration, model)
         stamp.write_text(json.dumps({**out[recipe], "key": key,
                                      "bundle": out[recipe]["bundle"] and str(out[recipe]["bundle"])}))
     return out
 
 
-def _export(work: Path, recipe: str, text_len: int, calibration) -> dict:
+def _export(work: Path, recipe: str, text_len: int, calibration, model: Path | None = None) -> dict:
     """Export one recipe as ``qwen-edge export`` does. A bundle that misses the exporter's parity gates is
     exported again with the gates off, so its figures can still be measured (and the miss is noted); w8a16 is
     exported for ``--target onnx`` when the QNN HTP check refuses a graph."""
@@ -100,7 +106,7 @@ def _export(work: Path, recipe: str, text_len: int, calibration) -> dict:
     while True:
         start = time.perf_counter()
         try:
-            export_bundle(work / recipe, None, target=target, quant=recipe, text_len=text_len, steps=4,
+            export_bundle(work / recipe, model, target=target, quant=recipe, text_len=text_len, steps=4,
                           prompts=calibration, log=lambda m: log(f"{recipe}: {m}"), **gates)
             return {"bundle": work / recipe, "target": target, "export_s": round(time.perf_counter() - start, 1),
                     "note": "; ".join(notes) or None, "error": None}
@@ -276,6 +282,22 @@ def tables(sizes, sp, q, mem, npu_result) -> str:
     return "\n".join(lines)
 
 
+def size_table(sizes: dict) -> str:
+    """Bundle bytes per recipe: the total (a file several components list counted once), vs fp32, and where they
+    are: each component's own files, the weights text_kv and transformer share, the tokenizer."""
+    names = ("text_encoder", "text_kv", "transformer", "vae_decoder")
+    fp32 = sizes.get("fp32", {}).get("total")
+    lines = ["| recipe | bundle MB | vs fp32 | " + " | ".join(names) + " | shared weights | tokenizer |",
+             "|---|---|---|" + "---|" * (len(names) + 2)]
+    for recipe, s in sizes.items():
+        ratio = f"{s['total'] / fp32:.3f}x" if fp32 else "—"
+        own = {k: v - (s["shared"] if k in s["sharing"] else 0) for k, v in s["components"].items()}
+        cells = " | ".join(f"{own[k] / MB:.3f}" if k in own else "—" for k in names)
+        lines.append(f"| {recipe} | {s['total'] / MB:.3f} | {ratio} | {cells} | {s['shared'] / MB:.3f} | "
+                     f"{s['tokenizer'] / MB:.3f} |")
+    return "\n".join(lines)
+
+
 def targets(sizes, med, q, mem) -> str:
     """The issue-4 figures, each marked met or NOT met."""
     rows = []
@@ -325,18 +347,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--no-npu", action="store_true", help="skip the QNN HTP emulator")
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--model", type=Path, help="export another checkpoint (sizes only; default: the embedded one)")
+    ap.add_argument("--sizes-only", action="store_true", help="export and print bundle sizes, nothing else")
     args = ap.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or args.prompts < 1 or args.runs < 1:
         raise SystemExit(f"bench_default: unknown recipe(s) {unknown} or --prompts/--runs < 1")
+    if args.model is not None and not (args.sizes_only and (args.model / "model_index.json").is_file()):
+        raise SystemExit("bench_default: --model takes a checkpoint folder and measures sizes only (--sizes-only)")
     threads = args.threads or physical_cores()
     work = args.work or default_cache_dir() / "bench-default"
     work.mkdir(parents=True, exist_ok=True)
     start, load_before = time.perf_counter(), machine()["load_average_1min"]
 
-    bundles = export_all(work, recipes, args.text_len, args.fresh)
+    bundles = export_all(work, recipes, args.text_len, args.fresh, args.model)
     sizes = {r: bundle_sizes(bundle_mod.load(f["bundle"])) for r, f in bundles.items() if f["bundle"] is not None}
+    if args.sizes_only:
+        return _print_sizes(args.model, bundles, sizes, args.json)
     pipes = pipelines(bundles, threads, work / "ort-cache")
     sp = speed(pipes, args.runs, args.warmup)
     q = quality(pipes, args.prompts)
@@ -362,6 +390,20 @@ def main(argv: list[str] | None = None) -> int:
                                                                    for r, f in bundles.items()},
                   "sizes": sizes, "speed": sp, "quality": q, "memory": mem, "npu": npu_result}
         args.json.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def _print_sizes(model: Path | None, bundles: dict, sizes: dict, json_path: Path | None) -> int:
+    """``--sizes-only``: the size table and the size targets (and the figures as JSON)."""
+    print(f"Bundle sizes of {model or 'the embedded default'} (128x128 unless its qwen_edge.json says otherwise, "
+          "text_len as given, 4 steps)\n")
+    for recipe, f in bundles.items():
+        for text in (f.get("note"), f.get("error")):
+            if text:
+                print(f"note: {recipe}: {text}")
+    print(size_table(sizes) + "\n\n" + targets(sizes, {}, {}, None))
+    if json_path:
+        json_path.write_text(json.dumps({"model": str(model or "embedded default"), "sizes": sizes}, indent=1))
     return 0
 
 

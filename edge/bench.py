@@ -131,13 +131,19 @@ def _source_model(manifest: bundle_mod.Manifest, model) -> Path | None:
 
 
 def sizes(b: bundle_mod.Bundle) -> dict:
-    """Bytes on disk per component (every file its manifest entry lists), of the tokenizer, and in total."""
+    """Bytes on disk per component (every file its manifest entry lists), of the tokenizer, and in total, where a
+    file several components list (2.1's weights shared by text_kv and transformer) counts once; ``shared``: the
+    bytes of such files, ``sharing``: the components listing them."""
     def total(files) -> int:
         return sum(b.path(f).stat().st_size for f in files)
 
     comps = {name: total(c.files) for name, c in b.manifest.components.items()}
     tok = total(b.manifest.tokenizer.files)
-    return {"components": comps, "tokenizer": tok, "total": sum(comps.values()) + tok}
+    listed = [f for c in b.manifest.components.values() for f in c.files]
+    shared = {f for f in listed if listed.count(f) > 1}
+    sharing = [name for name, c in b.manifest.components.items() if shared & set(c.files)]
+    return {"components": comps, "tokenizer": tok, "shared": total(shared), "sharing": sharing,
+            "total": total(set(listed) | set(b.manifest.tokenizer.files))}
 
 
 def graph_flops(b: bundle_mod.Bundle) -> dict | None:
@@ -296,8 +302,10 @@ def format_report(r: dict) -> str:
              f"machine: {r['machine']['cpu'] or '?'}, {r['machine']['physical_cores']} cores, load average "
              f"{r['machine']['load_average_1min']}"]
     sz = r["size_bytes"]
+    shared = (f" ({' and '.join(sz['sharing'])} include {sz['shared'] / mb:.2f} MB of shared weights, counted once "
+              "in the total)") if sz.get("shared") else ""
     lines.append("size: " + ", ".join(f"{k} {v / mb:.2f} MB" for k, v in sz["components"].items())
-                 + f", tokenizer {sz['tokenizer'] / mb:.2f} MB; total {sz['total'] / mb:.2f} MB")
+                 + f", tokenizer {sz['tokenizer'] / mb:.2f} MB; total {sz['total'] / mb:.2f} MB{shared}")
     if "cold_start" in r:
         c = r["cold_start"]
         lines.append(f"cold start (fresh process -> first step): {c['s']:.3f} s (empty graph cache: "

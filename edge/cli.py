@@ -176,6 +176,9 @@ def _export_args(sub) -> None:
     p.add_argument("--precompute-modulation", action="store_true", help="2.1: tabulate the transformer's "
                    "modulation for the bundle's sigmas instead of shipping the timestep/modulation weights "
                    "(the bundle then runs its own schedule only)")
+    p.add_argument("--stream", action="store_true", help="2.1 transformer, --quant fp32|int8: trace on the meta "
+                   "device and stream the weights from safetensors, quantizing as they stream (the fp32 model is never "
+                   "in memory: for the full 7.1B model); with --components transformer")
     p.add_argument("--expander-llm", type=Path, help="a causal LM folder (transformers, exported here, or already "
                    "ONNX with a KV cache) put into expander/ as the bundle's prompt expander (generate --expand "
                    "uses it)")
@@ -190,13 +193,14 @@ def _export(args) -> int:
     extra = {"prompts": _read_prompts(args.prompts)} if args.prompts else {}
     extras = {"test_vectors": args.test_vectors, "vector_prompt": args.vector_prompt,
               "vector_seed": args.vector_seed, "ort_format": args.ort_format, "expander_llm": args.expander_llm,
-              "qnn_context": args.qnn_context, "precompute_modulation": args.precompute_modulation}
+              "qnn_context": args.qnn_context, "precompute_modulation": args.precompute_modulation,
+              "stream": args.stream}
     if args.target == "coreml":
         if args.test_vectors or args.ort_format or args.expander_llm or args.vector_prompt or args.vector_seed:
             raise UsageError("--test-vectors, --ort-format and --expander-llm apply to --target onnx and qnn")
-        if args.qnn_context or args.precompute_modulation:
-            raise UsageError("--qnn-context (--target qnn) and --precompute-modulation (onnx, qnn) do not apply to "
-                             "--target coreml")
+        if args.qnn_context or args.precompute_modulation or args.stream:
+            raise UsageError("--qnn-context (--target qnn), --precompute-modulation (onnx, qnn) and --stream (onnx) do "
+                             "not apply to --target coreml")
         return _export_coreml(args, components, extra)
     if args.sizes or args.ios18 or args.chunk_limit or args.ane:
         raise UsageError("--sizes, --ios18, --chunk-limit and --ane apply to --target coreml only")

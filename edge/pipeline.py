@@ -102,9 +102,10 @@ class Pipeline:
 
     # -- the four moves -------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> np.ndarray:
-        """Prompt -> (1, L', D) conditioning: template, tokenize, encode, drop the template's prefix."""
-        if not text or not text.strip():
+    def encode(self, text: str, negative: bool = False) -> np.ndarray:
+        """Prompt -> (1, L', D) conditioning: template, tokenize, encode, drop the template's prefix. A negative
+        prompt may be blank (the pipelines' default negative is " ", the unconditional input of true CFG)."""
+        if not negative and (not text or not text.strip()):
             raise InputError("the prompt is empty; say what the image should show")
         ids, drop, truncated = prompt_mod.tokenize(self.tokenizer, self.spec.template, text)
         if truncated:
@@ -142,7 +143,7 @@ class Pipeline:
         h, w = shape[2], shape[3]
         cond = self.encode(req.prompt)
         guided = req.negative_prompt is not None and req.cfg_scale > 1.0
-        neg = self.encode(req.negative_prompt) if guided else None
+        neg = self.encode(req.negative_prompt, negative=True) if guided else None
         x = lat.pack(fam.name, self.initial_noise(req, shape))  # (1, N, C*p*p)
         grid = (h // fam.patch, w // fam.patch)
         sigmas = self.sigmas(req, x.shape[1])

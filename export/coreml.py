@@ -68,6 +68,10 @@ COMPONENT_GATE_DB = {"fp32": 60.0, "fp16": 35.0, "int8": 25.0, "palette8": 25.0,
 IMAGE_GATE_DB = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "palette8": 30.0, "palette6": 20.0, "mixed": 25.0,
                  "int4": 10.0, "palette4": 10.0}
 MIXED_TARGET_DB = 35.0  # what the mixed recipe aims for per component
+# What MLModel.save writes beside the model for ExecuTorch's debugger when the program came from torch.export: a map
+# from debug handles to MIL ops, outside the package's Manifest.json, never read by Core ML; 8-17 % of the
+# embedded default's fp16 packages (compressed programs are saved without it).
+DEBUG_FILES = ("executorch_debug_handle_mapping.json",)
 
 
 # -- precision ----------------------------------------------------------------------------------------------------
@@ -490,8 +494,7 @@ def convert_package(module: nn.Module, io: iospec.IOSpec, feeds: Sequence[dict],
         mlmodel = compress(mlmodel, "mixed", bits=bits)
     else:
         mlmodel = compress(mlmodel, opts.quant, ios18=opts.ios18)
-    with _quiet():
-        mlmodel.save(str(path))
+    save_package(mlmodel, path)
     del mlmodel
     figures = package_parity(path, io, feeds, refs)
     _gate(f"{io.component} ({path.name})", figures, opts.gate_db)
@@ -501,6 +504,14 @@ def convert_package(module: nn.Module, io: iospec.IOSpec, feeds: Sequence[dict],
         _gate(f"{io.component} ({path.name}, enumerated sizes)", sized, opts.gate_db)
         figures["enumerated_psnr_db"] = sized["psnr_db"]
     return {**figures, "min_psnr_db": opts.gate_db, **details}
+
+
+def save_package(mlmodel, path: Path) -> None:
+    """``mlmodel.save(path)`` without the debug files coremltools adds next to the model (:data:`DEBUG_FILES`)."""
+    with _quiet():
+        mlmodel.save(str(path))
+    for name in DEBUG_FILES:
+        (Path(path) / name).unlink(missing_ok=True)
 
 
 def _variant_feed(io: iospec.IOSpec, base: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -646,6 +657,10 @@ def export_coreml(out: str | Path, model=None, *, quant: str = "fp16", height: i
                                        {**meta, "qwen_edge.component": name}, Path(work), log)
             entries[name] = _entry(writer, name, iospec.components(dims)[name], parts, quant)
             log(f"  {name}: {entries[name].fidelity['psnr_db']:.1f} dB vs torch (worst package)")
+        if ios18:  # one package per text_kv/transformer pair: their common weights once (needs iOS 18)
+            from .coreml_share import share_blocks
+
+            entries = share_blocks(writer.root, entries, Path(work), log)
         manifest = onnx_export._manifest(spec, model, dims, rope, "coreml", quant, steps, entries,
                                          onnx_export._tokenizer(writer, spec, pad_id))
         manifest = dataclasses.replace(manifest, created_by=_versions(),

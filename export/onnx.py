@@ -44,6 +44,7 @@ from qwen_edge.runtimes.onnx import (
 from qwen_edge.spec import ModelSpec, default_model
 from torch import nn
 
+from . import compact
 from .bundle_writer import BundleWriter
 
 TARGETS = ("onnx", "qnn")
@@ -294,16 +295,19 @@ def export_graph(module: nn.Module, io: iospec.IOSpec, example: Feed, path: Path
     with quiet_exporter():
         program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
                                     opset_version=opset, dynamo=True, verbose=False)
+    compact.fold_constant_paths(program.model)  # e.g. 2.1 text_kv's t = 0 modulation: one row, not its weights
     program.model.metadata_props.update(metadata or {})
     program.save(str(path), external_data=external_data)
     _check_static(path, io)
 
 
 def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Add ``metadata`` to a saved graph's metadata_props, rewriting only the protobuf (external data stays)."""
+    """Add ``metadata`` to a saved graph's metadata_props and drop the exporter's per-node debug records
+    (:func:`qwen_edge.export.compact.strip_debug`), rewriting only the protobuf (external data stays)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    compact.strip_debug(model)
     props = {p.key: p.value for p in model.metadata_props}
     onnx.helper.set_model_props(model, {**props, **metadata})
     onnx.save_model(model, str(path))
@@ -416,7 +420,7 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
                   min_image_psnr: float | None = None, test_vectors: bool = False,
                   vector_prompt: str | None = None, vector_seed: int = 0, ort_format: bool = False,
                   expander_llm=None, qnn_context: bool = False, precompute_modulation: bool = False,
-                  log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
+                  stream: bool = False, log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
     """Export checkpoint ``model`` (a directory or cached repo id; None: the embedded default) to a bundle at
     ``out``, atomically. Returns the manifest written.
 
@@ -432,7 +436,9 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     its timestep embedding and modulation weights are left out, and the bundle runs its own schedule only.
     Optional parts (:mod:`qwen_edge.export.augment`): ``test_vectors`` records conformance vectors for
     ``vector_prompt`` and ``vector_seed``; ``ort_format`` adds ORT-format models and their operator config;
-    ``expander_llm`` (a causal LM folder) exports the prompt expander into ``expander/``.
+    ``expander_llm`` (a causal LM folder) exports the prompt expander into ``expander/``. ``stream`` (2.1, fp32 or
+    int8, the transformer alone): trace on the meta device and stream the weights from safetensors, quantizing as
+    they stream, so the fp32 model is never in memory (:mod:`qwen_edge.export.stream`); no torch sample run.
     """
     log = log or (lambda msg: None)
     recipe = _check_choices(target, quant, components, steps)
@@ -449,6 +455,14 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
         raise UsageError("the sample run needs at least one prompt, and no empty ones")
     dims = iospec.dims_from_checkpoint(spec, height or spec.default_size, width or spec.default_size, text_len)
     spec = dataclasses.replace(spec, template=dataclasses.replace(spec.template, max_length=text_len))
+    gate = min_component_psnr if min_component_psnr is not None else COMPONENT_GATE_DB.get(recipe, COMPONENT_GATE_OTHER_DB)
+    meta = {"qwen_edge.family": dims.family, "qwen_edge.version": qwen_edge.__version__, "qwen_edge.recipe": recipe}
+    if stream:
+        from .stream import check_request
+
+        check_request(spec.family.name, target, recipe, components, test_vectors=test_vectors, ort_format=ort_format,
+                      expander_llm=expander_llm, precompute_modulation=precompute_modulation)
+        return _export_streamed(out, spec, model, dims, target, recipe, steps, opset, gate, meta, log)
     from qwen_edge.runtimes.torch import TorchComponents
 
     log(f"loading {spec.root}")
@@ -464,8 +478,6 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     # What the graphs take (folded ranks, the tabulated modulation): gates and calibration feed exactly this.
     io = iospec.components(dims, max_rank, modulation=precompute_modulation)
     feeds = {name: [fit(f, io[name].inputs) for f in fs] for name, fs in feeds.items()}
-    gate = min_component_psnr if min_component_psnr is not None else COMPONENT_GATE_DB.get(recipe, COMPONENT_GATE_OTHER_DB)
-    meta = {"qwen_edge.family": dims.family, "qwen_edge.version": qwen_edge.__version__, "qwen_edge.recipe": recipe}
     with BundleWriter(out) as writer:
         entries = {}
         for name, module in modules.items():
@@ -475,6 +487,7 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
             if name == "transformer" and table is not None:
                 entries[name] = _with_modulation(writer, entries[name], *table)
             log(f"  {name}: {entries[name].fidelity['psnr_db']:.1f} dB vs torch")
+        entries = _share_weights(writer, entries, log)
         manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries,
                              _tokenizer(writer, spec, pad_id))
         manifest = _image_gate(writer, manifest, reference, prompts, seed, steps, recipe, min_image_psnr, log)
@@ -483,6 +496,37 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
         manifest = add_extras(writer, manifest, torch_components, test_vectors=test_vectors,
                               vector_prompt=vector_prompt, vector_seed=vector_seed, ort_format=ort_format,
                               expander_llm=expander_llm, log=log)
+        writer.commit(manifest)
+    log(f"wrote {writer.out}")
+    return manifest
+
+
+def _export_streamed(out, spec: ModelSpec, model, dims: iospec.Dims, target: str, recipe: str, steps: int, opset: int,
+                     gate: float, meta: dict[str, str], log: Callable[[str], None]) -> bundle_mod.Manifest:
+    """``export_bundle(stream=True)``: the 2.1 transformer's graphs streamed (:func:`qwen_edge.export.stream.
+    export_graphs`), each gated against the torch model run a chunk of blocks at a time; a transformer-only bundle."""
+    from . import stream
+
+    src = stream.transformer_source(spec.component("transformer"))
+    with torch.device("meta"):
+        rope = _rope(src.build())
+    sigma = schedule.sigmas(spec.scheduler, steps, dims.tokens, sample_sigmas=spec.sample_sigmas)[0]
+    io = iospec.components(dims)
+    with BundleWriter(out) as writer:
+        entries = {}
+        for name, facts, figures in stream.export_graphs(writer.path, src, dims, rope, recipe,
+                                                         schedule.model_timestep(sigma), opset=opset, log=log):
+            rel = f"{name}.onnx"
+            stamp_metadata(writer.path(rel), {**meta, "qwen_edge.component": name})
+            _gate(name, figures, gate)
+            log(f"  {name}: {figures['psnr_db']:.1f} dB vs torch")
+            uses = [rel, *bundle_mod.external_data_files(writer.path(rel))]
+            entries[name] = bundle_mod.Component(name=name, file=rel, io=io[name], files=writer.hashes(uses),
+                                                 opset=opset, recipe=recipe, quant=facts,
+                                                 fidelity={**figures, "min_psnr_db": gate})
+        entries = _share_weights(writer, entries, log)
+        tokenizer = _tokenizer(writer, spec, _pad_id(spec))
+        manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries, tokenizer)
         writer.commit(manifest)
     log(f"wrote {writer.out}")
     return manifest
@@ -536,13 +580,13 @@ def _component(writer: BundleWriter, work: Path, name: str, module: nn.Module, i
     dst = writer.path(rel)
     src = dst if quantize is None else work / rel
     # Metadata goes onto the bundle's graph only: onnxruntime 1.32's QNN preprocessing chokes on a source
-    # graph that carries metadata_props (preprocess.py builds a dict from the proto entries).
-    export_graph(module, io, feeds[0], src, opset=opset, external_data=external_data,
-                 metadata=metadata if quantize is None else None)
+    # graph that carries metadata_props (preprocess.py builds a dict from the proto entries). The quantizers
+    # read the exporter's debug records (mixed labels layers by module path); the bundle's graph drops them.
+    export_graph(module, io, feeds[0], src, opset=opset, external_data=external_data)
     details = {}
     if quantize is not None:
         details = quantize(name, src, dst, feeds) or {}
-        stamp_metadata(dst, metadata)
+    stamp_metadata(dst, metadata)
     figures = parity(module, io, dst, feeds)
     _gate(name, figures, gate)
     uses = [rel, *bundle_mod.external_data_files(dst)]
@@ -550,6 +594,27 @@ def _component(writer: BundleWriter, work: Path, name: str, module: nn.Module, i
     return bundle_mod.Component(name=name, file=rel, io=io, files=writer.hashes(uses + context.get("files", [])),
                                 format="onnx", opset=opset, recipe=recipe, fidelity={**figures, "min_psnr_db": gate},
                                 quant=dict(details), context={k: v for k, v in context.items() if k != "files"})
+
+
+def _share_weights(writer: BundleWriter, entries: dict[str, bundle_mod.Component],
+                   log: Callable[[str], None]) -> dict[str, bundle_mod.Component]:
+    """Store weights that several graphs hold identically once (2.1: ``text_kv`` runs the text through the
+    transformer's own blocks), :func:`qwen_edge.export.compact.share_initializers`; the changed components list
+    the shared file and their rewritten files, re-hashed. Byte-exact: the image gate then runs on the result."""
+    graphs = {e.file: name for name, e in entries.items()}
+    before = {name: set(bundle_mod.external_data_files(writer.path(e.file))) for name, e in entries.items()}
+    changed = compact.share_initializers(writer.root, sorted(graphs))
+    out = dict(entries)
+    for name in (graphs[g] for g in changed):
+        entry = entries[name]
+        data = bundle_mod.external_data_files(writer.path(entry.file))
+        others = [f for f in entry.files if f != entry.file and f not in before[name]]
+        out[name] = dataclasses.replace(entry, files=writer.hashes([entry.file, *data, *others]))
+    if changed:
+        size = writer.path(compact.SHARED_DATA).stat().st_size
+        log(f"  {', '.join(graphs[g] for g in changed)} share {size / 2**20:.2f} MB of identical weights "
+            f"({compact.SHARED_DATA})")
+    return out
 
 
 def _modulation(spec: ModelSpec, model: nn.Module, dims: iospec.Dims, steps: int) -> tuple[np.ndarray, np.ndarray]:

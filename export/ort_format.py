@@ -23,6 +23,7 @@ from qwen_edge.errors import InputError, UsageError, require
 from .bundle_writer import BundleWriter
 
 CONFIG = "required_operators.config"
+ORT_FORMAT_LIMIT = 2**31 - 1  # bytes: an ORT-format model is one flatbuffer, inline weights included
 DISABLED = ["NchwcTransformer"]  # x86 blocked layouts: not on ARM (the converter drops it unless told amd64)
 
 
@@ -40,10 +41,12 @@ def add_ort_format(writer: BundleWriter, manifest: bundle_mod.Manifest,
         if comp.format != "onnx":
             raise UsageError(f"--ort-format converts ONNX graphs; {name} is {comp.format}")
         src = writer.path(comp.file)
-        if bundle_mod.external_data_files(src):
-            raise InputError(f"--ort-format: {name} keeps its weights in external data; an ORT-format model holds "
-                             "them inline and must stay under 2 GB: quantize it (--quant int8 or int4) or export "
-                             "without --ort-format")
+        # External data alone is fine (2.1's text_kv and transformer share theirs): the limit is the size.
+        weights = sum(writer.path(f).stat().st_size for f in bundle_mod.external_data_files(src))
+        if weights + src.stat().st_size > ORT_FORMAT_LIMIT:
+            raise InputError(f"--ort-format: {name} keeps {weights / 2**30:.1f} GB of weights in external data; an "
+                             "ORT-format model holds them inline and must stay under 2 GB: quantize it (--quant int8 "
+                             "or int4) or export without --ort-format")
         models[name] = f"{name}.ort"
         _convert(ort, src, writer.path(models[name]), level)
     _config(writer, list(models.values()))

@@ -49,20 +49,21 @@ def fit(feed: Mapping[str, np.ndarray], io: iospec.IOSpec) -> dict[str, np.ndarr
 
 
 class _Interpreted:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, function: str):
         from .mil import Program
 
-        self.program = Program.load(path)
+        self.program = Program.load(path, function)
 
     def predict(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.program.run(feed)
 
 
 class _CoreML:
-    def __init__(self, path: Path, compute_units: str):
+    def __init__(self, path: Path, compute_units: str, function: str):
         ct = require("coremltools", "coreml")
         try:
-            self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units.upper()])
+            self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units.upper()],
+                                           function_name=function)
         except Exception as e:  # noqa: BLE001  (Core ML's compile/load errors come as RuntimeError/Exception)
             raise IntegrityError(f"Core ML cannot load {path.parent.name}: {e}".splitlines()[0]) from None
 
@@ -100,7 +101,7 @@ class CoreMLComponents(GraphComponents):
         self.backend = _backend(backend)
         self.compute_units = compute_units
         self.sizes = [tuple(s) for s in m.quant.get("sizes", [[m.height, m.width]])]
-        self.models: dict[str, object] = {}
+        self.models: dict[tuple[str, str], object] = {}
 
     @property
     def backend_name(self) -> str:
@@ -118,12 +119,14 @@ class CoreMLComponents(GraphComponents):
         self._size_for_grid(z.shape[2] // patch, z.shape[3] // patch)
         return super().decode(z)
 
-    def model(self, rel: str):
-        """The loaded package ``rel`` (a chunk's Manifest.json path), opened on first use."""
-        if rel not in self.models:
+    def model(self, rel: str, function: str = "main"):
+        """Function ``function`` of the package ``rel`` (a chunk's Manifest.json path), opened on first use. iOS 18
+        bundles keep 2.1's text_kv as a second function of the transformer's package (shared weights once)."""
+        if (rel, function) not in self.models:
             path = self.bundle.path(rel).parent
-            self.models[rel] = _CoreML(path, self.compute_units) if self.backend == "coreml" else _Interpreted(path)
-        return self.models[rel]
+            self.models[rel, function] = (_CoreML(path, self.compute_units, function) if self.backend == "coreml"
+                                          else _Interpreted(path, function))
+        return self.models[rel, function]
 
     def _run(self, name: str, feed: Feed) -> Feed:
         comp = self.bundle.component(name)
@@ -131,7 +134,7 @@ class CoreMLComponents(GraphComponents):
         state, kv = dict(feed), []
         for part in parts:  # chunks in order: each adds its outputs (the carry) to what the next one reads
             io = iospec.IOSpec.from_json(name, part)
-            out = self.model(part["file"]).predict(fit(state, io))
+            out = self.model(part["file"], part.get("function", "main")).predict(fit(state, io))
             if name == "text_kv":
                 kv.append(out.pop("text_kv"))
             state.update({iospec.carried(k): v for k, v in out.items()})  # next_hidden feeds the next chunk's hidden

@@ -134,6 +134,38 @@ def test_manifest_matches_the_schema_and_chains_chunks(b16):
         assert chunk["fidelity"]["psnr_db"] >= 35 and chunk["fidelity"]["enumerated_psnr_db"] >= 35
 
 
+def test_packages_hold_only_what_core_ml_reads(b16):
+    """Every file of every package sits under an item its Manifest.json lists (model.mlmodel, weights/): no
+    ExecuTorch debug map, which coremltools writes beside programs converted from torch.export."""
+    for package in b16.glob("*.mlpackage"):
+        items = json.loads((package / "Manifest.json").read_text())["itemInfoEntries"].values()
+        roots = [package / "Data" / item["path"] for item in items]
+        for f in (p for p in package.rglob("*") if p.is_file() and p.name != "Manifest.json"):
+            assert any(f == r or r in f.parents for r in roots), f
+
+
+def test_ios18_text_kv_is_a_function_of_the_transformer_packages(tiny21_3, b16, tmp_path):
+    """--ios18: each text_kv chunk becomes function "text_kv" of the transformer package of the same blocks, so
+    their common weights are stored once (b16, iOS 17, keeps two packages); the bundle still generates within
+    the fp16 bars (its image gate, >= 40 dB vs torch through the interpreter)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    out = tmp_path / "b18"
+    m = coreml.export_coreml(out, tiny21_3, quant="fp16", height=SIZE, width=SIZE, text_len=TEXT_LEN,
+                             chunk_limit=CHUNK_LIMIT, ios18=True)
+    jsonschema.validate(json.loads((out / "manifest.json").read_text()), json.loads(bundle_mod.SCHEMA.read_text()))
+    kv, tr = m.components["text_kv"], m.components["transformer"]
+    assert [c["file"] for c in kv.chunks] == [c["file"] for c in tr.chunks]
+    assert [c.get("function") for c in kv.chunks] == ["text_kv"] * 3 and not any("function" in c for c in tr.chunks)
+    assert not list(out.glob("text_kv*.mlpackage")) and set(kv.files) == set(tr.files)
+
+    def blobs(root, pattern):
+        return sum(f.stat().st_size for p in root.glob(pattern) for f in p.rglob("weight.bin"))
+
+    separate = blobs(b16, "transformer*.mlpackage") + blobs(b16, "text_kv*.mlpackage")
+    assert blobs(b16, "transformer*.mlpackage") <= blobs(out, "transformer*.mlpackage") < 0.7 * separate
+    assert m.fidelity["image_psnr_db"] >= 40
+
+
 def test_fp16_chunked_bundle_meets_the_issue_figures(b16):
     figures = coreml.verify_coreml_bundle(b16)
     for name, f in figures["components"].items():

@@ -18,6 +18,7 @@ from qwen_edge import bundle as bundle_mod
 from qwen_edge import iospec, schedule
 from qwen_edge.cli import main
 from qwen_edge.errors import InputError, IntegrityError, NumericalError, UsageError
+from qwen_edge.export import compact
 from qwen_edge.export import onnx as export_onnx
 from qwen_edge.runtimes.onnx import OnnxComponents
 from qwen_edge.runtimes.torch import TorchComponents
@@ -49,9 +50,11 @@ def test_manifest_validates_and_matches_the_iospec(which, request):
     m = b.manifest
     assert Manifest_roundtrips(m)
     want = iospec.components(m.dims)
+    shares = ("text_kv", "transformer") if m.family == "qwen-image-2.1" else ()
     for name, comp in m.components.items():
         assert comp.io == want[name]
-        assert set(comp.files) == {comp.file}  # small graphs: weights inside the .onnx
+        # small graphs: weights inside the .onnx, except those 2.1's text_kv and transformer share
+        assert set(comp.files) == {comp.file, *([compact.SHARED_DATA] if name in shares else [])}
         assert comp.fidelity["psnr_db"] >= 60 and comp.opset == 21
         model = onnx.load(str(b.path(comp.file)))
         assert model.opset_import[0].version >= 21
@@ -60,6 +63,77 @@ def test_manifest_validates_and_matches_the_iospec(which, request):
     assert m.fidelity["image_psnr_db"] >= 45
     assert m.text_len == BUNDLE_TEXT_LEN and m.tokenizer.max_length == BUNDLE_TEXT_LEN
     assert (root / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_shared_weights_are_stored_once_and_debug_records_dropped(bundle21):
+    """2.1 runs text and image tokens through the same blocks: text_kv's and transformer's common weights are in
+    shared_weights.data once (no inline initializer of >= 1 KB in both graphs, no byte range written twice); the
+    t = 0 text modulation is folded to a constant; no graph carries the exporter's per-node debug records."""
+    m = bundle_mod.load(bundle21).manifest
+    inline, regions = {}, {}
+    for name, comp in m.components.items():
+        model = onnx.load(str(bundle21 / comp.file), load_external_data=False)
+        assert not any(n.metadata_props or n.doc_string for n in model.graph.node)
+        assert not any(v.metadata_props for v in model.graph.value_info)
+        inline[name] = {bytes(t.raw_data) for t in model.graph.initializer
+                        if len(t.raw_data) >= compact.SHARE_MIN_BYTES}
+        for t in model.graph.initializer:
+            info = {e.key: e.value for e in t.external_data}
+            if info.get("location") == compact.SHARED_DATA:
+                regions.setdefault((int(info["offset"]), int(info["length"])), set()).add(name)
+    assert not inline["text_kv"] & inline["transformer"]
+    assert regions and all(users == {"text_kv", "transformer"} for users in regions.values())
+    data = (bundle21 / compact.SHARED_DATA).read_bytes()
+    assert sum(length for _, length in regions) == len(data)  # every shared byte stored once
+    assert len({data[o:o + n] for o, n in regions}) == len(regions)
+    kv = onnx.load(str(bundle21 / "text_kv.onnx"), load_external_data=False).graph
+    assert not [t.name for t in kv.initializer if "time_text_embed" in t.name or "modulation" in t.name]
+
+
+def _two_graphs(folder, external: bool):
+    """Graphs a (x @ w + x @ u) and b (x @ w), w shared (64 x 64 fp32), u a's own; a's weights external."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, u = (numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), n) for n in ("w", "u"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])
+    a = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["p"]), helper.make_node("MatMul", ["x", "u"], ["q"]),
+                           helper.make_node("Add", ["p", "q"], ["y"])], "a", [x], [y], [w, u])
+    w_b = numpy_helper.from_array(numpy_helper.to_array(w), "weight_b")  # same bytes, another name
+    b = helper.make_graph([helper.make_node("MatMul", ["x", "weight_b"], ["y"])], "b", [x], [y], [w_b])
+    for name, graph in (("a.onnx", a), ("b.onnx", b)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        onnx.save_model(model, str(folder / name), save_as_external_data=external and name == "a.onnx",
+                        location="a.onnx.data", size_threshold=0)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_share_initializers_moves_common_weights_and_keeps_outputs(tmp_path, external):
+    _two_graphs(tmp_path, external)
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+
+    def run(name):
+        return ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    before = {g: run(g) for g in ("a.onnx", "b.onnx")}
+    assert compact.share_initializers(tmp_path, ["a.onnx", "b.onnx"]) == ["a.onnx", "b.onnx"]
+    assert (tmp_path / compact.SHARED_DATA).stat().st_size == 64 * 64 * 4  # w, once
+    assert bundle_mod.external_data_files(tmp_path / "b.onnx") == [compact.SHARED_DATA]
+    own = ["a.onnx.data"] if external else []  # u stays in a's own file, rewritten without w
+    assert bundle_mod.external_data_files(tmp_path / "a.onnx") == sorted([compact.SHARED_DATA, *own])
+    if external:
+        assert (tmp_path / "a.onnx.data").stat().st_size == 64 * 64 * 4
+    for g, want in before.items():
+        np.testing.assert_array_equal(run(g), want)
+
+
+def test_share_initializers_leaves_unrelated_graphs_alone(tmp_path):
+    _two_graphs(tmp_path, external=False)
+    (tmp_path / "b.onnx").unlink()
+    state = files_state(tmp_path)
+    assert compact.share_initializers(tmp_path, ["a.onnx"]) == []
+    assert files_state(tmp_path) == state
 
 
 def Manifest_roundtrips(m: bundle_mod.Manifest) -> bool:

@@ -77,10 +77,11 @@ def test_v1_true_cfg_matches_diffusers(pipes_v1):
     assert psnr(got, plain) < 40  # guidance really changed the image
 
 
-def test_21_true_cfg_matches_diffusers(pipes21):
+@pytest.mark.parametrize("negative", ["a green triangle", " "])  # " ": the pipelines' default (unconditional) negative
+def test_21_true_cfg_matches_diffusers(pipes21, negative):
     pipe, ref = pipes21
     noise = lat.noise_from_seed(12, lat.latent_shape("qwen-image-2.1", 64, 64, 16))
-    kw = dict(prompt=PROMPT, negative_prompt="a green triangle")
+    kw = dict(prompt=PROMPT, negative_prompt=negative)
     want = reference_image(ref, "qwen-image-2.1", noise, 64, 64, num_inference_steps=4, true_cfg_scale=3.0, **kw)
     got = ours(pipe, noise, height=64, width=64, steps=4, cfg_scale=3.0, **kw)
     assert psnr(got, want) >= 45

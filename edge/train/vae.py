@@ -121,9 +121,16 @@ def latent_stats(z: torch.Tensor) -> tuple[list[float], list[float]]:
 @torch.no_grad()
 def reconstruct(enc: VAEV2Encoder, dec: VAEV2Decoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """Encode and decode uint8 images; returns uint8 RGB as the pipeline post-processes decoder output."""
+    return reconstruct_latents(dec, encode_images(enc, images, batch), batch)
+
+
+@torch.no_grad()
+def reconstruct_latents(dec: VAEV2Decoder, z: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """Decode latents (N, z, h, w) as the encoder gives them to uint8 RGB (N, H, W, 3), as the pipeline
+    post-processes decoder output."""
     out = []
-    for i in range(0, len(images), batch):
-        y = dec(enc(_cl(to_rgba(images[i: i + batch]))))[:, :3]  # (B, 3, H, W) in ~[-1, 1]
+    for i in range(0, len(z), batch):
+        y = dec(_cl(z[i: i + batch]))[:, :3]  # (B, 3, H, W) in ~[-1, 1]
         out.append(((y.clamp(-1, 1) / 2 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 

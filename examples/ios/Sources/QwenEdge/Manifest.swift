@@ -14,6 +14,7 @@ struct Package: Codable {
     let inputs: [TensorSpec]  // the package's own I/O (Core ML folds rank > 5 by merging leading axes)
     let outputs: [TensorSpec]
     let blocks: [Int]?
+    let function: String?     // iOS 18 bundles: text_kv is function "text_kv" of the transformer's package
 }
 
 struct Component: Codable {

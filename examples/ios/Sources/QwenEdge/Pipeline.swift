@@ -86,11 +86,12 @@ public final class QwenEdgePipeline {
     /// chunks returned; text_kv chunks' keys/values are concatenated), as CoreMLComponents._run does.
     func run(_ name: String, _ inputs: [String: MLMultiArray]) async throws -> [String: MLMultiArray] {
         guard let comp = manifest.components[name] else { throw QwenEdgeError.bundle("no \(name) in the bundle") }
-        let parts = comp.chunks ?? [Package(file: comp.file, inputs: comp.inputs, outputs: comp.outputs, blocks: nil)]
+        let parts = comp.chunks ?? [Package(file: comp.file, inputs: comp.inputs, outputs: comp.outputs, blocks: nil,
+                                            function: nil)]
         var state = inputs
         var kvParts: [MLMultiArray] = []
         for part in parts {
-            let model = try await load(part.file)
+            let model = try await load(part.file, function: part.function)
             var feed: [String: MLFeatureValue] = [:]
             for spec in part.inputs {
                 guard let value = state[spec.name] else { throw QwenEdgeError.bundle("\(name): no value for \(spec.name)") }
@@ -119,13 +120,22 @@ public final class QwenEdgePipeline {
         return try multiArray(floats(a), shape)
     }
 
-    /// Compile (once) and load a package; `file` is its Manifest.json, the package is the folder around it.
-    func load(_ file: String) async throws -> MLModel {
-        if let m = models[file] { return m }
+    /// Compile and load a package once per function; `file` is its Manifest.json, the package is the folder
+    /// around it. A `function` (iOS 18 bundles: text_kv shares the transformer's package) picks that function.
+    func load(_ file: String, function: String?) async throws -> MLModel {
+        let key = file + "#" + (function ?? "")
+        if let m = models[key] { return m }
         let package = root.appendingPathComponent(file).deletingLastPathComponent()
         let compiled = try await MLModel.compileModel(at: package)
-        let model = try MLModel(contentsOf: compiled, configuration: configuration)
-        models[file] = model
+        let config = configuration.copy() as! MLModelConfiguration
+        if let function {
+            guard #available(iOS 18.0, macOS 15.0, *) else {
+                throw QwenEdgeError.unsupported("\(file) holds several functions: it needs iOS 18 / macOS 15")
+            }
+            config.functionName = function
+        }
+        let model = try MLModel(contentsOf: compiled, configuration: config)
+        models[key] = model
         return model
     }
 }
