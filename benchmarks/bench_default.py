@@ -75,10 +75,10 @@ def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: P
     (everything with ``fresh``) from ``model`` (None: the embedded default). A w8a16 bundle that fell back to
     ``--target onnx`` is not reused: the QNN export is tried again, in case the HTP backend (or qwen-edge) now
     runs every graph."""
+    from qwen_edge.export.onnx import world_prompts
     from qwen_edge.spec import default_model
-    from qwen_edge.world import prompts
 
-    calibration = prompts("train", 4, seed=1)
+    calibration = list(world_prompts(4))  # the exporter's own default: every background
     key = {"model": fingerprint(model or default_model()), "text_len": text_len, "steps": 4, "prompts": calibration}
     out = {}
     for recipe in tqdm(recipes, desc="bundles", unit="recipe", file=sys.stderr):

@@ -456,6 +456,9 @@ class Manifest:
     vectors: Mapping = field(default_factory=dict)
     ort: Mapping = field(default_factory=dict)
     expander: Mapping = field(default_factory=dict)
+    # export --dynamic: the image-size-dependent axes are symbolic (qwen_edge.iospec.SYMBOLS) and the bundle runs
+    # any size on the patch grid, height/width being the export size (the default). Written only when true.
+    dynamic: bool = False
 
     def files(self) -> dict[str, str]:
         """Every file of the bundle (tokenizer and components) -> sha256."""
@@ -474,6 +477,7 @@ class Manifest:
             "components": {name: c.to_json() for name, c in self.components.items()},
             "fidelity": dict(self.fidelity), "source": dict(self.source), "created_by": dict(self.created_by),
             **{key: dict(value) for key, value in self.extras().items()},
+            **({"dynamic": True} if self.dynamic else {}),
         }
 
     def extras(self) -> dict[str, Mapping]:
@@ -507,7 +511,7 @@ class Manifest:
             components={_component_name(name): Component.from_json(name, c) for name, c in comps.items()},
             source=_obj(d.get("source", {}), "source"), latent=_obj(d.get("latent", {}), "latent"), quant=quant,
             fidelity=_fidelity(d.get("fidelity", {}), "fidelity", "min_image_psnr_db"),
-            created_by=_obj(d.get("created_by", {}), "created_by"),
+            created_by=_obj(d.get("created_by", {}), "created_by"), dynamic=_dynamic(d.get("dynamic", False)),
             **{key: _extra(d.get(key), key) for key in ("vectors", "ort", "expander")})
         manifest._check_consistent()
         return manifest
@@ -516,6 +520,9 @@ class Manifest:
         d = self.dims
         if (d.family, d.height, d.width, d.text_len) != (self.family, self.height, self.width, self.text_len):
             raise IntegrityError(f"{MANIFEST}: dims disagree with family/height/width/text_len")
+        if self.dynamic and self.target != "onnx":
+            raise IntegrityError(f"{MANIFEST}: dynamic shapes are for target onnx (ONNX Runtime on CPU), not "
+                                 f"{self.target}")
         if self.tokenizer.max_length != self.text_len:
             raise IntegrityError(f"{MANIFEST}: tokenizer.max_length must equal text_len ({self.text_len})")
         if self.tokenizer.drop != d.drop:
@@ -531,14 +538,19 @@ class Manifest:
         self._check_schedule()
 
     def _check_shapes(self) -> None:
-        """Every tensor a component declares stays under :data:`MAX_ELEMENTS`, and a known component's I/O is
-        what ``dims`` gives (:mod:`qwen_edge.iospec`): the same names and dtype kinds and the same number of
-        elements (a runtime may fold ranks, as Core ML's rank-5 ``text_kv``)."""
-        expected, tabulated = specs_of(self.dims), specs_of(self.dims, modulation=True)
+        """Every tensor a component declares stays under :data:`MAX_ELEMENTS` (symbolic axes at the bundle's
+        size), symbolic axes only in a dynamic bundle, and a known component's I/O is what ``dims`` gives
+        (:mod:`qwen_edge.iospec`): the same names and dtype kinds and the same number of elements (a runtime may
+        fold ranks, as Core ML's rank-5 ``text_kv``), or the same symbolic shape."""
+        expected = specs_of(self.dims, dynamic=self.dynamic)
+        tabulated = specs_of(self.dims, modulation=True, dynamic=self.dynamic)
         for name, comp in self.components.items():
             for io in (comp.io, *(IOSpec.from_json(name, c) for c in comp.chunks)):
                 for t in io.inputs + io.outputs:
-                    if math.prod(t.shape) > MAX_ELEMENTS:
+                    if t.dynamic and not self.dynamic:
+                        raise IntegrityError(f"{MANIFEST}: components.{name} declares {t.name!r} of symbolic shape "
+                                             f"{list(t.shape)} in a bundle without \"dynamic\": true")
+                    if math.prod(t.at(self.dims).shape) > MAX_ELEMENTS:
                         raise IntegrityError(f"{MANIFEST}: components.{name} declares {t.name!r} of shape "
                                              f"{list(t.shape)}, more than {MAX_ELEMENTS} elements")
             if name in expected:
@@ -682,9 +694,17 @@ def _check_io(name: str, got: IOSpec, want: IOSpec) -> None:
         by_name = {t.name: t for t in expected}
         for t in declared:
             e = by_name[t.name]
-            if math.prod(t.shape) != math.prod(e.shape) or _kind(t.dtype) != _kind(e.dtype):
+            symbolic = t.dynamic or e.dynamic  # symbolic axes must match exactly: no folding to compare by size
+            size_differs = t.shape != e.shape if symbolic else math.prod(t.shape) != math.prod(e.shape)
+            if size_differs or _kind(t.dtype) != _kind(e.dtype):
                 raise IntegrityError(f"{MANIFEST}: components.{name} declares {t.name!r} as {list(t.shape)} {t.dtype}; "
                                      f"its dims give {list(e.shape)} {e.dtype}")
+
+
+def _dynamic(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise IntegrityError(f"{MANIFEST}: dynamic must be true or false, got {v!r}")
+    return v
 
 
 def _floats(v: object, where: str) -> tuple[float, ...]:

@@ -81,7 +81,7 @@ def _generate(args) -> int:
         else args.prompt
     _note_words_not_understood(pipe, prompt)  # the words the model will see, after any expansion
     pipe.max_pixels = args.max_pixels
-    height, width = pipe.spec.fixed_size or (pipe.spec.default_size, pipe.spec.default_size)
+    height, width = pipe.spec.size
     req = Request(prompt=prompt, height=args.height or height,
                   width=args.width or width, steps=args.steps, sigmas=args.sigmas,
                   seed=args.seed, noise=noise, negative_prompt=args.negative_prompt, cfg_scale=args.cfg)
@@ -179,6 +179,8 @@ def _export_args(sub) -> None:
     p.add_argument("--stream", action="store_true", help="2.1 transformer, --quant fp32|int8: trace on the meta "
                    "device and stream the weights from safetensors, quantizing as they stream (the fp32 model is never "
                    "in memory: for the full 7.1B model); with --components transformer")
+    p.add_argument("--dynamic", action="store_true", help="onnx, --quant fp32|fp16|int8|int4: symbolic image-size axes, "
+                   "so the bundle generates at any size on the patch grid (--height/--width: its default and gate size)")
     p.add_argument("--expander-llm", type=Path, help="a causal LM folder (transformers, exported here, or already "
                    "ONNX with a KV cache) put into expander/ as the bundle's prompt expander (generate --expand "
                    "uses it)")
@@ -194,13 +196,13 @@ def _export(args) -> int:
     extras = {"test_vectors": args.test_vectors, "vector_prompt": args.vector_prompt,
               "vector_seed": args.vector_seed, "ort_format": args.ort_format, "expander_llm": args.expander_llm,
               "qnn_context": args.qnn_context, "precompute_modulation": args.precompute_modulation,
-              "stream": args.stream}
+              "stream": args.stream, "dynamic": args.dynamic}
     if args.target == "coreml":
         if args.test_vectors or args.ort_format or args.expander_llm or args.vector_prompt or args.vector_seed:
             raise UsageError("--test-vectors, --ort-format and --expander-llm apply to --target onnx and qnn")
-        if args.qnn_context or args.precompute_modulation or args.stream:
-            raise UsageError("--qnn-context (--target qnn), --precompute-modulation (onnx, qnn) and --stream (onnx) do "
-                             "not apply to --target coreml")
+        if args.qnn_context or args.precompute_modulation or args.stream or args.dynamic:
+            raise UsageError("--qnn-context (--target qnn), --precompute-modulation (onnx, qnn), --stream and --dynamic "
+                             "(onnx) do not apply to --target coreml (it takes enumerated --sizes)")
         return _export_coreml(args, components, extra)
     if args.sizes or args.ios18 or args.chunk_limit or args.ane:
         raise UsageError("--sizes, --ios18, --chunk-limit and --ane apply to --target coreml only")

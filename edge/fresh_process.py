@@ -7,7 +7,8 @@ process's peak RSS (VmHWM, reset by exec) includes everything it ever held. :fun
 - ``generate``: open the job's pipeline and generate one image, marking the times (seconds since the parent
   launched it) when imports were done, the pipeline was opened, the first sampler step and the image were done;
 - ``baseline``: import the runtime and read the bundle (tokenizer included) but open no session;
-- ``component``: open one graph in a low-memory runtime and run it on a saved feed.
+- ``component``: the baseline's state, then one graph opened in a low-memory runtime and run on a saved feed
+  (so that, net of the baseline, it is the graph's weights and activations).
 
 Each reports the process's peak RSS in MB. A :class:`~qwen_edge.errors.QwenEdgeError` in the child is re-raised
 in the parent with its class (so the CLI exits with its code and one line). No torch on the onnx path.
@@ -89,19 +90,15 @@ def _measure_in_child(job: dict) -> dict:
     else:
         import torch  # noqa: F401
     mark("imported")
+    if job["mode"] in ("baseline", "component"):
+        b, _held = _baseline(job["bundle"])  # _held keeps the tokenizer: a component is net of the same state
     if job["mode"] == "component":
         from .runtimes.onnx import OnnxComponents
 
-        comps = OnnxComponents(job["bundle"], low_memory=True, threads=job["threads"], cache_dir=job["cache"])
+        comps = OnnxComponents(b, low_memory=True, threads=job["threads"], cache_dir=job["cache"])
         with np.load(job["feed"]) as data:
             comps.run(job["component"], {k: data[k] for k in data.files})
-    elif job["mode"] == "baseline":
-        from .pipeline import Pipeline
-        from .spec import ModelSpec
-
-        b = bundle_mod.load(job["bundle"])
-        Pipeline(ModelSpec.from_bundle(b.manifest, b.root), None)  # the tokenizer, no session
-    else:
+    elif job["mode"] != "baseline":
         from .pipeline import Request
 
         pipe = open_pipeline(job, low_memory=job.get("low_memory", False))
@@ -112,6 +109,16 @@ def _measure_in_child(job: dict) -> dict:
             marks.setdefault("first_step", time.time() - job["t0"])
         mark("image")
     return {"marks": marks, "peak_rss_mb": peak_rss_mb()}
+
+
+def _baseline(bundle: str) -> tuple:
+    """What every peak-RSS figure is net of: (the bundle read and verified, a pipeline with its tokenizer loaded
+    and no components, so no session)."""
+    from .pipeline import Pipeline
+    from .spec import ModelSpec
+
+    b = bundle_mod.load(bundle)
+    return b, Pipeline(ModelSpec.from_bundle(b.manifest, b.root), None)
 
 
 def component_rss(bundle, feeds: dict, threads: int, cache: str | None = None) -> dict:

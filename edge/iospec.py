@@ -4,9 +4,11 @@ Exporters name graph inputs/outputs from these specs, runtimes feed sessions by 
 records them, and the bundle manifest copies them. No other module spells a component's I/O names.
 NumPy-free and torch-free: the device runtime reads specs back from a manifest.
 
-Static shapes throughout (the QNN HTP backend and Core ML want them): the text is right-padded to
+Static shapes by default (the QNN HTP backend and Core ML want them): the text is right-padded to
 ``text_len`` tokens after the template drop. Padding is exact, not approximate: the text encoders are
 causal, so pad tokens never change the real tokens' states, and the transformers mask pad keys out.
+With ``dynamic`` (``export --dynamic``, CPU targets) the image-size-dependent dims are named by one of
+:data:`SYMBOLS` instead of a number; the text stays padded to ``text_len``.
 """
 
 from __future__ import annotations
@@ -18,19 +20,41 @@ from .errors import InputError, IntegrityError
 from .family import family as family_of
 
 DTYPES = ("float32", "float16", "int64", "int32")
+# The symbolic dims of a dynamic-size graph: each name stands for one size derived from the image size.
+SYMBOLS = {
+    "height": "image height in pixels",
+    "width": "image width in pixels",
+    "latent_height": "height / vae_factor",
+    "latent_width": "width / vae_factor",
+    "tokens": "image tokens, (height / (vae_factor * patch)) * (width / (vae_factor * patch))",
+    "keys": "attention keys of an image query: text_len + tokens",
+}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # a str is one of SYMBOLS (a dynamic-size graph's axis)
     dtype: str = "float32"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise IntegrityError(f"tensor {self.name!r}: unknown dtype {self.dtype!r}")
-        if not self.shape or any(not isinstance(d, int) or d < 1 for d in self.shape):
-            raise IntegrityError(f"tensor {self.name!r}: shape must be positive integers, got {self.shape!r}")
+        if not self.shape or any(not _is_dim(d) for d in self.shape):
+            raise IntegrityError(f"tensor {self.name!r}: shape must be positive integers or one of "
+                                 f"{', '.join(SYMBOLS)}, got {self.shape!r}")
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether any axis is symbolic."""
+        return any(isinstance(d, str) for d in self.shape)
+
+    def at(self, d: Dims) -> TensorSpec:
+        """This tensor with its symbolic axes replaced by their values at ``d``'s size."""
+        if not self.dynamic:
+            return self
+        values = symbol_values(d)
+        return TensorSpec(self.name, tuple(values[s] if isinstance(s, str) else s for s in self.shape), self.dtype)
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -41,6 +65,10 @@ class TensorSpec:
             return cls(str(d["name"]), tuple(d["shape"]), str(d.get("dtype", "float32")))
         except (KeyError, TypeError) as e:
             raise IntegrityError(f"malformed tensor spec {d!r}: {e}") from None
+
+
+def _is_dim(d: object) -> bool:
+    return d in SYMBOLS if isinstance(d, str) else isinstance(d, int) and not isinstance(d, bool) and d >= 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,19 @@ class Dims:
         return asdict(self)
 
 
+def symbol_values(d: Dims) -> dict[str, int]:
+    """What each of :data:`SYMBOLS` is at ``d``'s image size."""
+    factor = family_of(d.family).vae_factor
+    return {"height": d.height, "width": d.width, "latent_height": d.height // factor,
+            "latent_width": d.width // factor, "tokens": d.tokens, "keys": d.text_len + d.tokens}
+
+
+def _sizes(d: Dims, dynamic: bool) -> dict[str, int | str]:
+    """The image-size-dependent dims of ``d``: their values, or with ``dynamic`` their symbolic names."""
+    values = symbol_values(d)
+    return {name: name for name in values} if dynamic else values
+
+
 def text_encoder(d: Dims) -> IOSpec:
     t = d.drop + d.text_len
     return IOSpec("text_encoder", (TensorSpec("input_ids", (1, t), "int64"),),
@@ -120,46 +161,49 @@ def text_kv(d: Dims) -> IOSpec:
                   (TensorSpec("text_kv", (d.layers, 2, 1, d.heads, t, d.head_dim)),))
 
 
-def transformer(d: Dims, modulation: bool = False) -> IOSpec:
+def transformer(d: Dims, modulation: bool = False, dynamic: bool = False) -> IOSpec:
     """One sampler step. 2.1 with ``modulation``: the step's precomputed ``step_modulation`` (1, 5 * dim) in
-    place of ``sigma`` (the bundle tabulates it per step of its schedule, :meth:`TransformerV2.step_modulation`)."""
-    n, t, half, c = d.tokens, d.text_len, d.head_dim // 2, d.token_channels
+    place of ``sigma`` (the bundle tabulates it per step of its schedule, :meth:`TransformerV2.step_modulation`).
+    With ``dynamic`` the token axes are ``tokens`` and ``keys`` (:data:`SYMBOLS`)."""
+    size = _sizes(d, dynamic)
+    n, keys, t, half, c = size["tokens"], size["keys"], d.text_len, d.head_dim // 2, d.token_channels
     out = (TensorSpec("velocity", (1, n, c)),)
     if d.family == "qwen-image-2.1":
         step = TensorSpec("step_modulation", (1, 5 * d.heads * d.head_dim)) if modulation else TensorSpec("sigma", (1,))
         ins = (TensorSpec("latents", (1, n, c)), TensorSpec("text_kv", (d.layers, 2, 1, d.heads, t, d.head_dim)),
                step, TensorSpec("rope_cos", (n, half)), TensorSpec("rope_sin", (n, half)),
-               TensorSpec("image_bias", (1, 1, n, t + n)))
+               TensorSpec("image_bias", (1, 1, n, keys)))
     else:
         ins = (TensorSpec("latents", (1, n, c)), TensorSpec("text", (1, t, d.text_hidden)), TensorSpec("sigma", (1,)),
                TensorSpec("img_cos", (n, half)), TensorSpec("img_sin", (n, half)),
                TensorSpec("txt_cos", (t, half)), TensorSpec("txt_sin", (t, half)),
-               TensorSpec("text_bias", (1, 1, 1, t + n)))
+               TensorSpec("text_bias", (1, 1, 1, keys)))
     return IOSpec("transformer", ins, out)
 
 
-def vae_decoder(d: Dims) -> IOSpec:
-    fam = family_of(d.family)
-    h, w = d.height // fam.vae_factor, d.width // fam.vae_factor
-    return IOSpec("vae_decoder", (TensorSpec("latents", (1, d.z_channels, h, w)),),
-                  (TensorSpec("image", (1, d.image_channels, d.height, d.width)),))
+def vae_decoder(d: Dims, dynamic: bool = False) -> IOSpec:
+    s = _sizes(d, dynamic)
+    return IOSpec("vae_decoder", (TensorSpec("latents", (1, d.z_channels, s["latent_height"], s["latent_width"])),),
+                  (TensorSpec("image", (1, d.image_channels, s["height"], s["width"])),))
 
 
-def vae_encoder(d: Dims) -> IOSpec:
-    fam = family_of(d.family)
-    h, w = d.height // fam.vae_factor, d.width // fam.vae_factor
-    return IOSpec("vae_encoder", (TensorSpec("image", (1, d.encoder_channels, d.height, d.width)),),
-                  (TensorSpec("latents", (1, d.z_channels, h, w)),))
+def vae_encoder(d: Dims, dynamic: bool = False) -> IOSpec:
+    s = _sizes(d, dynamic)
+    return IOSpec("vae_encoder", (TensorSpec("image", (1, d.encoder_channels, s["height"], s["width"])),),
+                  (TensorSpec("latents", (1, d.z_channels, s["latent_height"], s["latent_width"])),))
 
 
-def components(d: Dims, max_rank: int | None = None, modulation: bool = False) -> dict[str, IOSpec]:
+def components(d: Dims, max_rank: int | None = None, modulation: bool = False,
+               dynamic: bool = False) -> dict[str, IOSpec]:
     """Every exportable component of the family, in pipeline order; with ``max_rank`` as a backend with that
     tensor rank limit takes them (:func:`fold_rank`: the QNN HTP backend and Core ML stop at rank 5); with
-    ``modulation`` the 2.1 transformer taking its step's precomputed modulation (:func:`transformer`)."""
+    ``modulation`` the 2.1 transformer taking its step's precomputed modulation (:func:`transformer`); with
+    ``dynamic`` the image-size-dependent axes symbolic (:data:`SYMBOLS`; the text encoders have none)."""
     specs = [text_encoder(d)]
     if d.family == "qwen-image-2.1":
         specs.append(text_kv(d))
-    specs += [transformer(d, modulation and d.family == "qwen-image-2.1"), vae_decoder(d), vae_encoder(d)]
+    specs += [transformer(d, modulation and d.family == "qwen-image-2.1", dynamic), vae_decoder(d, dynamic),
+              vae_encoder(d, dynamic)]
     if max_rank is not None:
         specs = [fold_rank(s, max_rank) for s in specs]
     return {s.component: s for s in specs}

@@ -95,7 +95,7 @@ class Pipeline:
         return last.image
 
     def _size_defaults(self, kwargs: dict) -> dict:
-        height, width = self.spec.fixed_size or (self.spec.default_size, self.spec.default_size)
+        height, width = self.spec.size
         kwargs.setdefault("height", height)
         kwargs.setdefault("width", width)
         return kwargs

@@ -28,6 +28,7 @@ class ModelSpec:
     tokenizer_dir: Path
     default_size: int
     fixed_size: tuple[int, int] | None = None  # (height, width) a bundle's static graphs were exported for
+    default_width: int | None = None  # a dynamic bundle's export width (default_size is its height)
 
     @property
     def cfg_rescale(self) -> bool:
@@ -39,6 +40,12 @@ class ModelSpec:
         if not folder.is_dir():
             raise IntegrityError(f"checkpoint {self.root} has no {name}/ folder")
         return folder
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The (height, width) a request gets when it names none: a static bundle's size, a dynamic bundle's
+        export size, a checkpoint's square default."""
+        return self.fixed_size or (self.default_size, self.default_width or self.default_size)
 
     @classmethod
     def from_checkpoint(cls, model) -> ModelSpec:
@@ -71,7 +78,8 @@ class ModelSpec:
     @classmethod
     def from_bundle(cls, manifest, root) -> ModelSpec:
         """The spec of an exported bundle (a :class:`qwen_edge.bundle.Manifest` and its directory): the same
-        schedule, template and tokenizer as the checkpoint it came from, at the bundle's static size."""
+        schedule, template and tokenizer as the checkpoint it came from, at the bundle's static size (a dynamic
+        bundle: any size on the patch grid, its export size by default)."""
         from .family import family
 
         m, root = manifest, Path(root)
@@ -85,7 +93,8 @@ class ModelSpec:
             template=prompt_mod.PromptTemplate(m.family, tok.template, tok.drop, tok.max_length),
             tokenizer_dir=(root / tok.file).parent,
             default_size=m.height,
-            fixed_size=(m.height, m.width),
+            fixed_size=None if m.dynamic else (m.height, m.width),
+            default_width=m.width,
         )
 
 

@@ -1,5 +1,8 @@
 """ONNX export: a checkpoint -> a bundle of static-shape ONNX graphs, each gated against torch.
 
+With ``dynamic`` (CPU targets) the image-size-dependent axes are symbolic instead (:data:`qwen_edge.iospec.SYMBOLS`):
+one bundle generates at any size on the patch grid; the gates run at the export size.
+
 Every component goes through the same small shape: real example inputs in its IOSpec layout (recorded from
 a torch run of the pipeline) -> a thin wrapper module whose ``forward`` takes exactly the IOSpec inputs ->
 ``torch.onnx.export`` (dynamo exporter, opset 21, static shapes) -> metadata -> optional quantization
@@ -51,6 +54,7 @@ TARGETS = ("onnx", "qnn")
 RECIPES = ("fp32", "fp16", "int8", "int4", "w8a16", "mixed")
 QNN_RECIPES = ("w8a16",)  # what the QNN HTP backend runs: static QDQ, 8-bit weights, 16-bit activations
 MAX_RANK = {"qnn": 5}  # a target's tensor rank limit: the QNN HTP backend refuses 2.1's rank-6 text K/V
+DYNAMIC_RECIPES = ("fp32", "fp16", "int8", "int4")  # recipes of a dynamic-size bundle (w8a16/QNN need static shapes)
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")  # what a user selects
 DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
 OPSET = 21
@@ -282,23 +286,65 @@ def _image(pipe: Pipeline, prompt: str, dims: iospec.Dims, steps: int, seed: int
 
 def export_graph(module: nn.Module, io: iospec.IOSpec, example: Feed, path: Path, *, opset: int = OPSET,
                  external_data: bool | None = None, metadata: dict[str, str] | None = None) -> None:
-    """Export ``module`` with the static shapes and names of ``io`` to ``path`` (+ ``path.data`` when the
-    weights are big or ``external_data`` is True)."""
+    """Export ``module`` with the shapes and names of ``io`` to ``path`` (+ ``path.data`` when the weights are
+    big or ``external_data`` is True). Axes ``io`` names symbolically (``iospec.components(dims, dynamic=True)``)
+    are exported dynamic and carry those names in the graph; the example gives their trace-time size."""
     for t in io.inputs:
         got = example[t.name]
-        if tuple(got.shape) != t.shape or str(got.dtype) != t.dtype:
+        if not _fits(got.shape, t.shape) or str(got.dtype) != t.dtype:
             raise IntegrityError(f"{io.component}: example input {t.name} is {got.shape} {got.dtype}, "
                                  f"the IOSpec says {t.shape} {t.dtype}")
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in io.input_names)
     if external_data is None:
         external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
+    # Positional (the wrappers' argument names need not be the IOSpec's); AUTO: torch.export infers how the
+    # axes relate (keys = text_len + tokens) instead of being told.
+    dynamic = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(t.shape) if isinstance(d, str)} or None
+                    for t in io.inputs)
     with quiet_exporter():
         program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
-                                    opset_version=opset, dynamo=True, verbose=False)
+                                    opset_version=opset, dynamo=True, verbose=False,
+                                    dynamic_shapes=dynamic if any(dynamic) else None)
+    _name_symbols(program.model, io)
     compact.fold_constant_paths(program.model)  # e.g. 2.1 text_kv's t = 0 modulation: one row, not its weights
     program.model.metadata_props.update(metadata or {})
     program.save(str(path), external_data=external_data)
     _check_static(path, io)
+
+
+def _fits(shape: tuple[int, ...], spec: tuple[int | str, ...]) -> bool:
+    """An array shape against an IOSpec shape: symbolic axes take any size."""
+    return len(shape) == len(spec) and all(isinstance(s, str) or s == d for d, s in zip(shape, spec))
+
+
+def _name_symbols(model, io: iospec.IOSpec) -> None:
+    """Rename the exporter's symbols (``s5``, ``s5 + 32``, ``16*s59``) to the IOSpec's (``tokens``, ``keys``,
+    ``height``) on every value of the graph (onnx_ir ``model``), so the ONNX file says what the manifest says.
+    The torch trace may tie two IOSpec axes to one symbol only if they are the same name."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    declared = {t.name: t.shape for t in io.inputs + io.outputs}
+    renames: dict[str, str] = {}
+    for value in [*graph.inputs, *graph.outputs]:
+        for dim, want in zip(value.shape or (), declared[value.name]):
+            symbolic = isinstance(want, str) and isinstance(dim, ir.SymbolicDim) and dim.value is not None
+            if symbolic and renames.setdefault(dim.value, want) != want:
+                raise IntegrityError(f"{io.component}: the trace ties axes {renames[dim.value]!r} and {want!r} "
+                                     f"to one size ({dim.value}); export a size where they differ")
+    for value in _values(graph):
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
+            value.shape = ir.Shape([renames.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d
+                                    for d in value.shape])
+
+
+def _values(graph):
+    """Every value of an onnx_ir graph: its inputs and every node's outputs (subgraphs included)."""
+    import onnx_ir as ir
+
+    yield from graph.inputs
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        yield from node.outputs
 
 
 def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -332,13 +378,14 @@ def quiet_exporter():
 
 
 def _check_static(path: Path, io: iospec.IOSpec) -> None:
-    """The saved graph's inputs/outputs are exactly the IOSpec's names and static shapes."""
+    """The saved graph's inputs/outputs are exactly the IOSpec's names and shapes: static dims, and symbolic
+    ones under the IOSpec's names (a trace that fixed a dynamic axis fails here)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
 
     def shapes(values):
-        return [(v.name, tuple(d.dim_value if d.HasField("dim_value") else None
+        return [(v.name, tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or None
                                for d in v.type.tensor_type.shape.dim)) for v in values]
 
     want_in = [(t.name, t.shape) for t in io.inputs]
@@ -420,7 +467,8 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
                   min_image_psnr: float | None = None, test_vectors: bool = False,
                   vector_prompt: str | None = None, vector_seed: int = 0, ort_format: bool = False,
                   expander_llm=None, qnn_context: bool = False, precompute_modulation: bool = False,
-                  stream: bool = False, log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
+                  stream: bool = False, dynamic: bool = False,
+                  log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
     """Export checkpoint ``model`` (a directory or cached repo id; None: the embedded default) to a bundle at
     ``out``, atomically. Returns the manifest written.
 
@@ -439,12 +487,17 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     ``expander_llm`` (a causal LM folder) exports the prompt expander into ``expander/``. ``stream`` (2.1, fp32 or
     int8, the transformer alone): trace on the meta device and stream the weights from safetensors, quantizing as
     they stream, so the fp32 model is never in memory (:mod:`qwen_edge.export.stream`); no torch sample run.
+    ``dynamic`` (``target="onnx"``, :data:`DYNAMIC_RECIPES`): the image-size-dependent axes symbolic, so the bundle
+    generates at any size on the patch grid (``height``/``width`` are its default size and where it is gated).
     """
     log = log or (lambda msg: None)
     recipe = _check_choices(target, quant, components, steps)
     _check_extras(components, test_vectors, vector_prompt, vector_seed, expander_llm)
     if qnn_context and target != "qnn":
         raise UsageError("--qnn-context precompiles graphs for the QNN NPU: it needs --target qnn")
+    if dynamic:
+        _check_dynamic(target, recipe, test_vectors=test_vectors, ort_format=ort_format,
+                       precompute_modulation=precompute_modulation, stream=stream)
     quantize = _quantizer(recipe, target, context=qnn_context)
     spec = ModelSpec.from_checkpoint(model if model is not None else default_model())
     if precompute_modulation and (spec.family.name != "qwen-image-2.1" or "transformer" not in components):
@@ -476,7 +529,7 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     if table is not None:
         feeds["transformer"] = [tabulated(f, *table) for f in feeds["transformer"]]
     # What the graphs take (folded ranks, the tabulated modulation): gates and calibration feed exactly this.
-    io = iospec.components(dims, max_rank, modulation=precompute_modulation)
+    io = iospec.components(dims, max_rank, modulation=precompute_modulation, dynamic=dynamic)
     feeds = {name: [fit(f, io[name].inputs) for f in fs] for name, fs in feeds.items()}
     with BundleWriter(out) as writer:
         entries = {}
@@ -489,7 +542,7 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
             log(f"  {name}: {entries[name].fidelity['psnr_db']:.1f} dB vs torch")
         entries = _share_weights(writer, entries, log)
         manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries,
-                             _tokenizer(writer, spec, pad_id))
+                             _tokenizer(writer, spec, pad_id), dynamic=dynamic)
         manifest = _image_gate(writer, manifest, reference, prompts, seed, steps, recipe, min_image_psnr, log)
         from .augment import add_extras
 
@@ -547,6 +600,18 @@ def _check_choices(target: str, quant: str | None, components: Sequence[str], st
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive integer, got {steps!r}")
     return recipe
+
+
+def _check_dynamic(target: str, recipe: str, **static_only: bool) -> None:
+    """``dynamic`` is for ONNX Runtime on CPU with a weight-only or float recipe; refuse what needs static shapes
+    (the QNN HTP backend, w8a16's static QDQ, a tabulated modulation, ORT-format models) or is not wired for it."""
+    if target != "onnx" or recipe not in DYNAMIC_RECIPES:
+        raise UsageError(f"--dynamic exports for ONNX Runtime on CPU: --target onnx with --quant "
+                         f"{'|'.join(DYNAMIC_RECIPES)}, not --target {target} --quant {recipe}")
+    given = [name for name, on in static_only.items() if on]
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise UsageError(f"--dynamic cannot be combined with {flags}: those need static shapes")
 
 
 def _check_extras(components: Sequence[str], test_vectors: bool, vector_prompt: str | None, vector_seed: int,
@@ -674,7 +739,8 @@ def _tokenizer(writer: BundleWriter, spec: ModelSpec, pad_id: int) -> bundle_mod
 
 
 def _manifest(spec: ModelSpec, model, dims: iospec.Dims, rope: dict, target: str, recipe: str, steps: int,
-              entries: dict[str, bundle_mod.Component], tokenizer: bundle_mod.Tokenizer) -> bundle_mod.Manifest:
+              entries: dict[str, bundle_mod.Component], tokenizer: bundle_mod.Tokenizer,
+              dynamic: bool = False) -> bundle_mod.Manifest:
     fam = spec.family
     n = dims.tokens
     sigmas = schedule.sigmas(spec.scheduler, steps, n, sample_sigmas=spec.sample_sigmas)
@@ -687,7 +753,7 @@ def _manifest(spec: ModelSpec, model, dims: iospec.Dims, rope: dict, target: str
     return bundle_mod.Manifest(
         family=fam.name, target=target, recipe=recipe, height=dims.height, width=dims.width,
         text_len=dims.text_len, dims=dims, rope=rope, sampler=sampler, tokenizer=tokenizer, components=entries,
-        source=_source(spec, model), latent=latent, quant={"recipe": recipe}, created_by=_versions())
+        source=_source(spec, model), latent=latent, quant={"recipe": recipe}, created_by=_versions(), dynamic=dynamic)
 
 
 def _source(spec: ModelSpec, model) -> dict:

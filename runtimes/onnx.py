@@ -22,7 +22,9 @@ only the image tokens (``transformer``).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import gc
 import hashlib
 import math
@@ -39,6 +41,7 @@ from qwen_edge import bundle as bundle_mod
 from qwen_edge import rope as rope_v2_mod
 from qwen_edge import rope_v1 as rope_v1_mod
 from qwen_edge.errors import InputError, IntegrityError, NumericalError, QwenEdgeError, require
+from qwen_edge.family import family as family_of
 from qwen_edge.iospec import Dims, TensorSpec
 from qwen_edge.iospec import components as io_components
 from qwen_edge.sampler import Denoiser
@@ -109,7 +112,7 @@ def fit(feed: Feed, specs: Sequence[TensorSpec]) -> Feed:
     """``feed`` with every array named in ``specs`` in the shape declared there, when only the shape differs:
     a rank-folded graph (:func:`qwen_edge.iospec.fold_rank`, the QNN target's 2.1 ``text_kv``) takes and gives
     the same bytes with merged leading axes. Other arrays pass unchanged (a real mismatch stays one)."""
-    shapes = {t.name: t.shape for t in specs}
+    shapes = {t.name: t.shape for t in specs if not t.dynamic}  # a named (dynamic) axis takes any size
     return {name: value.reshape(shapes[name]) if name in shapes and value.shape != shapes[name]
             and value.size == math.prod(shapes[name]) else value for name, value in feed.items()}
 
@@ -171,8 +174,9 @@ class GraphIO:
 class GraphComponents:
     """:class:`qwen_edge.pipeline.Components` over a bundle's graphs, whoever runs them (``run``)."""
 
-    def __init__(self, dims: Dims, rope: Mapping, run: Run, pad_id: int = 0):
+    def __init__(self, dims: Dims, rope: Mapping, run: Run, pad_id: int = 0, dynamic: bool = False):
         self.dims = dims
+        self.rope, self.pad_id, self.dynamic = rope, pad_id, dynamic
         self.feeds = Feeds(dims, rope, pad_id)
         self.run = run
 
@@ -182,13 +186,23 @@ class GraphComponents:
 
     def denoiser(self, text: np.ndarray, h: int, w: int) -> Denoiser:
         if (h, w) != self.dims.grid:
-            raise InputError(f"this bundle's transformer was exported for a {self.dims.grid} token grid, not {(h, w)}")
+            self.resize(h, w)
         kv_feed, fixed = self.feeds.prompt(text)
         if kv_feed is not None:  # 2.1: text is modulated at t = 0, its K/V are computed once per prompt
             fixed["text_kv"] = self.run("text_kv", kv_feed)["text_kv"]
             if not np.isfinite(fixed["text_kv"]).all():
                 raise NumericalError("text_kv produced NaN/Inf (before step 0): the graph overflows; try float32")
         return lambda latents, sigma: self.run("transformer", Feeds.step(fixed, latents, sigma))["velocity"]
+
+    def resize(self, h: int, w: int) -> None:
+        """Bind a (h, w) token grid: a dynamic bundle's graphs take any size, its rotary tables and attention
+        bias are rebuilt for it; a static bundle's graphs were exported for one grid only (InputError)."""
+        if not self.dynamic:
+            raise InputError(f"this bundle's transformer was exported for a {self.dims.grid} token grid, not {(h, w)}")
+        fam = family_of(self.dims.family)
+        side = fam.vae_factor * fam.patch
+        self.dims = dataclasses.replace(self.dims, height=h * side, width=w * side)
+        self.feeds = Feeds(self.dims, self.rope, self.pad_id)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         return self.run("vae_decoder", {"latents": np.ascontiguousarray(z, np.float32)})["image"]
@@ -209,6 +223,7 @@ class OnnxComponents(GraphComponents):
     ``bundle``: a bundle directory or a loaded :class:`qwen_edge.bundle.Bundle`. ``device``: ``"cpu"`` or
     ``"npu"`` (the QNN execution provider's HTP backend, CPU fallback disabled). ``low_memory``: keep one
     session alive at a time (the text encoder is freed before sampling, the transformer before decoding).
+    On glibc, ``low_memory`` also pins malloc's mmap threshold for the whole process (:func:`pin_mmap_threshold`).
     ``verify``: check every file's sha256 first (turn off only for trusted storage). ``cache_dir``: where
     optimised CPU graphs are cached (default :func:`default_cache_dir`), never inside the bundle; ``cache``
     False skips the cache. ``threads``: intra-op threads (default: the physical cores).
@@ -218,6 +233,8 @@ class OnnxComponents(GraphComponents):
                  cache_dir: str | Path | None = None, cache: bool = True, threads: int | None = None):
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        if low_memory:
+            pin_mmap_threshold()
         self.bundle = bundle if isinstance(bundle, bundle_mod.Bundle) else bundle_mod.load(bundle, verify=verify)
         m = self.bundle.manifest
         missing = [name for name in required_components(m.family) if name not in m.components]
@@ -226,7 +243,7 @@ class OnnxComponents(GraphComponents):
                                  f"generate (it has: {', '.join(m.components) or 'none'}); re-export it with them")
         for name in required_components(m.family):  # each graph's I/O as declared, before anything is allocated
             bundle_mod.check_graph(self.bundle.root, m.components[name])
-        super().__init__(m.dims, m.rope, self._run, m.tokenizer.pad_id)
+        super().__init__(m.dims, m.rope, self._run, m.tokenizer.pad_id, dynamic=m.dynamic)
         self.graph_io = GraphIO(self.bundle)
         self.device, self.low_memory, self.threads = device, low_memory, threads
         self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache else None
@@ -293,6 +310,26 @@ def pipeline(bundle, device: str = "cpu", low_memory: bool = False, verify: bool
                                 cache_dir=cache_dir, cache=cache, threads=threads)
     b = components.bundle
     return Pipeline(ModelSpec.from_bundle(b.manifest, b.root), components)
+
+
+# glibc raises malloc's mmap threshold to the largest block freed so far (up to 32 MiB, "dynamic threshold" in
+# mallopt(3)); once a session's weights have been freed, the next session's weights and every step's activations
+# come from the heap, where freed blocks stay resident and fragment. Without the pin a low-memory generation of a
+# random 2.1 checkpoint (172M-parameter transformer) peaked 20 MB (int8) / 51 MB (fp32) higher, 1.12x / 1.08x its
+# largest graph alone instead of 1.02x / 1.01x (benchmarks/bench_memory.py); steps and session opens pay page faults.
+M_MMAP_THRESHOLD = -3  # <malloc.h>
+MMAP_THRESHOLD = 128 * 1024  # glibc's own default, held fixed
+
+
+@functools.cache
+def pin_mmap_threshold() -> bool:
+    """Fix glibc malloc's mmap threshold at its 128 KiB default, once per process: blocks above it (weights,
+    activations) are then mapped and unmapped on their own, so a closed session's memory goes back to the OS
+    instead of staying in the heap. Process-wide (it also disables glibc's dynamic trim threshold); a no-op
+    returning False on other C libraries."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def default_cache_dir() -> Path:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -79,6 +80,36 @@ def test_low_memory_keeps_one_session_and_gives_the_same_image(bundle21, tmp_pat
         last = step.image
     assert seen[0] == ["transformer"] and seen[-1] == ["vae_decoder"]  # text encoder and text_kv already freed
     assert np.array_equal(last, image(normal, prompt=PROMPT, height=64, width=64, seed=2))
+
+
+LIBC = platform.libc_ver()
+GLIBC_2_33 = LIBC[0] == "glibc" and tuple(int(p) for p in LIBC[1].split(".")[:2]) >= (2, 33)  # mallinfo2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not GLIBC_2_33, reason="glibc >= 2.33 malloc")
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_low_memory_maps_large_blocks_after_a_large_free(bundle21, low_memory):
+    """Once glibc has freed a large mapped block it serves blocks up to that size from the heap, where freed ones
+    stay resident (how closed sessions' weights stayed in a low-memory process); a low-memory runtime pins the
+    threshold, so a 1 MiB block is still mapped (mallinfo2's ``hblkhd``: bytes in mapped blocks) and so given back
+    when freed. In a fresh process: mallopt is process-wide."""
+    code = ("import ctypes\n"
+            "import numpy as np\n"
+            "from qwen_edge.runtimes import onnx as rt\n"
+            "class Info(ctypes.Structure):\n"
+            "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', "
+            "'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+            "libc = ctypes.CDLL(None)\n"
+            "libc.mallinfo2.restype = Info\n"
+            f"rt.OnnxComponents({str(bundle21)!r}, low_memory={low_memory}, cache=False)\n"
+            "a = np.ones(2 << 20, np.float32); del a\n"  # 8 MiB freed: the dynamic threshold rises to it
+            "before = libc.mallinfo2().hblkhd\n"
+            "b = np.ones(1 << 18, np.float32)\n"  # 1 MiB
+            "print(libc.mallinfo2().hblkhd - before)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    mapped = int(done.stdout.split()[-1])
+    assert (mapped >= 2**20) == low_memory, mapped  # normal mode: from the heap; low memory: its own mapping
 
 
 def test_optimised_graphs_are_cached_outside_the_bundle(bundle21, tmp_path):
