@@ -240,14 +240,20 @@ def fold_transposes(graph, leaves: dict[str, str]) -> dict[str, Weight]:
     return weights
 
 
-def dynamic_int8(graph, weights: dict[str, Weight]) -> dict[str, Weight]:
-    """``quantize_dynamic(op_types=[MatMul, Gemm], MatMulConstBOnly)`` applied to the weights by name: plain Gemms
-    become MatMuls on ``<B>_Transposed``, then every MatMul on a weight becomes ORT's dynamic pattern. Returns the
-    weights under their new names (each is written as ``<name>_quantized``, ``_scale``, ``_zero_point``)."""
+def dynamic_int8(graph, weights: dict[str, Weight]) -> tuple[dict[str, Weight], set[str]]:
+    """``quantize_dynamic(op_types=[MatMul, Gemm], MatMulConstBOnly, nodes_to_exclude=boundary layers)`` applied to
+    the weights by name: plain Gemms become MatMuls on ``<B>_Transposed``, then every MatMul on a weight but the
+    int8 recipe's fp32 boundary layers (:func:`qwen_edge.quant.recipes.boundary_nodes`) becomes ORT's dynamic
+    pattern. Returns the weights under their new names (a quantized one is written as ``<name>_quantized``,
+    ``_scale``, ``_zero_point``) and the names of those that stay float."""
+    from qwen_edge.quant.recipes import boundary_nodes
+
     weights = _gemms_as_matmuls(graph, weights)
+    kept = set(boundary_nodes(graph, set(weights)))
+    kept_weights = {n.input[1] for n in graph.node if n.name in kept}
     nodes, quantized = [], set()
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights:
+        if node.op_type != "MatMul" or node.input[1] not in weights or node.name in kept:
             nodes.append(node)
             continue
         if node.input[0] not in quantized:
@@ -256,8 +262,8 @@ def dynamic_int8(graph, weights: dict[str, Weight]) -> dict[str, Weight]:
         nodes += _matmul_integer(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _check_uses(graph, {f"{w}_quantized": None for w in weights}, ("MatMulInteger",))
-    return weights
+    _check_uses(graph, {f"{w}_quantized": None for w in weights if w not in kept_weights}, ("MatMulInteger",))
+    return weights, kept_weights
 
 
 def _gemms_as_matmuls(graph, weights: dict[str, Weight]) -> dict[str, Weight]:
@@ -353,15 +359,16 @@ def quantize_per_channel(w: np.ndarray, reduce_range: bool = False) -> tuple[np.
 
 
 def write(model, weights: dict[str, Weight], ckpt: Checkpoint, path: Path, quantized: bool,
-          reduce_range: bool = False, log: Log | None = None) -> dict:
-    """Read, transpose, (quantize) and append each weight to ``<path name>.data``, then save ``model`` to ``path``.
-    One weight (and its int8 copy) is alive at a time. Returns the facts for the manifest."""
+          reduce_range: bool = False, log: Log | None = None, keep: set[str] = frozenset()) -> dict:
+    """Read, transpose, (quantize: all but ``keep``) and append each weight to ``<path name>.data``, then save
+    ``model`` to ``path``. One weight (and its int8 copy) is alive at a time. Returns the facts for the manifest."""
     import onnx
 
     data = path.with_name(path.name + ".data")
     data.write_bytes(b"")
     for i, (name, w) in enumerate(weights.items()):
-        model.graph.initializer.extend(_stream_one(name, w, ckpt, data, quantized, reduce_range))
+        model.graph.initializer.extend(_stream_one(name, w, ckpt, data, quantized and name not in keep,
+                                                   reduce_range))
         if log and (i + 1) % 32 == 0:
             log(f"  {i + 1}/{len(weights)} weights streamed")
     onnx.save_model(model, str(path))
@@ -417,12 +424,14 @@ def export_streamed(src: Source, graph: str, io: iospec.IOSpec, path: Path, reci
     ckpt = ckpt or Checkpoint(src)
     model, leaves = trace(src, ckpt, graph, io, opset)
     weights = fold_transposes(model.graph, leaves)
+    kept: set[str] = set()
     if recipe == "int8":
-        weights = dynamic_int8(model.graph, weights)
+        weights, kept = dynamic_int8(model.graph, weights)
     if log:
         log(f"  {graph}: traced, {len(weights)} weights to stream")
-    facts = write(model, weights, ckpt, path, recipe == "int8", reduce_range, log)
+    facts = write(model, weights, ckpt, path, recipe == "int8", reduce_range, log, keep=kept)
     _check_static(path, io)
+    facts = {**facts, "kept_fp32": len(kept)} if kept else facts
     return {**(int8_facts(reduce_range) if recipe == "int8" else {"recipe": "fp32"}), **facts}
 
 

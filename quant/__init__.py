@@ -101,7 +101,8 @@ def _quant_ops(dst: Path) -> dict[str, int]:
 
 
 def _remove(dst: Path) -> None:
-    """Delete ``dst``, the external data it references and the data file a recipe would write next to it."""
+    """Delete ``dst``, the external data files of its own it references (named after it: a file other graphs
+    share, such as a bundle's ``shared_weights.data``, stays) and the data file a recipe would write next to it."""
     from google.protobuf.message import DecodeError
 
     from .recipes import files_of
@@ -109,6 +110,6 @@ def _remove(dst: Path) -> None:
     extra = [dst.with_name(dst.name + ".data")]
     if dst.exists():
         with contextlib.suppress(DecodeError, OSError, ValueError, IntegrityError):  # half-written: drop what we can
-            extra += files_of(dst)[1:]
+            extra += [f for f in files_of(dst)[1:] if f.name.startswith(dst.stem)]
     for f in [dst, *extra]:
         f.unlink(missing_ok=True)

@@ -175,7 +175,12 @@ def boundary_layers(path: Path) -> list[str]:
     """
     onnx = require("onnx", "onnx")
     graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
+    return boundary_nodes(graph, {t.name for t in graph.initializer})
+
+
+def boundary_nodes(graph, weights: set[str]) -> list[str]:
+    """:func:`boundary_layers` of a ``GraphProto`` whose weight tensors are named by ``weights`` (initializers,
+    or the data-less weight inputs of :mod:`qwen_edge.export.stream`'s traced graph)."""
     inputs = {i.name for i in graph.input} - weights
     linear = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(x in weights for x in n.input)]
     first = [n.name for n in linear if any(x in inputs for x in n.input)]

@@ -67,18 +67,21 @@ def test_streamed_int8_is_the_normal_int8_export(setup, bundle, graph, tmp_path)
 
     io, feed = setup["io"][graph], setup["feeds"][graph]
     export_graph(stream.wrapper(graph, setup["model"]), io, feed, tmp_path / "fp32.onnx")
-    quantize(graph, tmp_path / "fp32.onnx", tmp_path / "normal.onnx", "int8")
+    normal = quantize(graph, tmp_path / "fp32.onnx", tmp_path / "normal.onnx", "int8") or {}
     streamed = bundle / f"{graph}.onnx"
 
     assert _ops(streamed) == _ops(tmp_path / "normal.onnx")
     facts = json.loads((bundle / "manifest.json").read_text())["components"][graph]["quant"]
-    assert _ops(streamed)["MatMulInteger"] == facts["weights_streamed"] > 0
+    # the int8 recipe's fp32 boundary layers (img_in, proj_out): as many as the normal export keeps
+    kept = len(normal.get("kept_fp32", {}).get("nodes", []))
+    assert facts.get("kept_fp32", 0) == kept
+    assert _ops(streamed)["MatMulInteger"] == facts["weights_streamed"] - kept > 0
     np.testing.assert_array_equal(_run(streamed, io, feed), _run(tmp_path / "normal.onnx", io, feed))
-    # the weights live in external data, int8; the graph file holds names, scales and small constants only
+    # the weights live in external data, int8 but the kept layers; the graph file holds names, scales, small constants
     model = onnx.load(str(streamed), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) == facts["weights_streamed"]
-    assert all(t.data_type == onnx.TensorProto.INT8 for t in external)
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in external) == facts["weights_streamed"] - kept
 
 
 def test_quantize_per_channel_is_ort_per_channel_quantization():

@@ -317,3 +317,14 @@ def test_graph_facts(v1):
     fed = {x for n in graph.node if n.name in path for x in n.input if x in tensors}
     assert fed and all(np.prod(tensors[x]) == 1 for x in fed)  # only the per-step scalar drives it
     assert "LayerNormalization" in {ops[n] for n in tail} and "MatMul" in {ops[n] for n in tail}
+
+
+def test_requantizing_in_place_keeps_weights_other_graphs_share(bundle21, tmp_path):
+    """A bundle's transformer points into shared_weights.data, which text_kv uses too: replacing the transformer
+    graph (quantize's dst) deletes the graph's own data files, never a shared one."""
+    import shutil
+
+    bundle = shutil.copytree(bundle21, tmp_path / "b")
+    assert (bundle / "shared_weights.data").is_file()
+    quantize("transformer", bundle21 / "transformer.onnx", bundle / "transformer.onnx", "int8")
+    assert (bundle / "shared_weights.data").read_bytes() == (bundle21 / "shared_weights.data").read_bytes()
