@@ -234,6 +234,7 @@ def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
         overrides = {**widened_ranges(staged, calibration, Path(tmp), q), **masked}
         cfg = qnn.get_qnn_qdq_config(str(staged), reader(calibration), activation_type=q.QuantType.QUInt16,
                                      weight_type=q.QuantType.QUInt8, per_channel=False, init_overrides=overrides)
+        _fixed_params_win(cfg.extra_options.get("TensorQuantOverrides", {}))
         cfg.use_external_data_format = large
         with np.errstate(over="ignore"):  # a float32-lowest mask saturating to the clamped range divides to inf
             q.quantize(str(staged), str(dst), cfg)
@@ -265,6 +266,16 @@ def widened_ranges(model: Path, calibration, tmp: Path, q) -> dict:
             out[name] = [{"rmin": np.array(min(lo, 0.0) * ACTIVATION_MARGIN, np.float32),
                           "rmax": np.array(max(hi, 0.0) * ACTIVATION_MARGIN, np.float32)}]
     return out
+
+
+def _fixed_params_win(overrides: dict) -> None:
+    """Where ``get_qnn_qdq_config`` pins a tensor's scale and zero point (ops whose output quantization the HTP
+    backend fixes), drop the widened range merged into the same override: ORT refuses both in one entry."""
+    for entries in overrides.values():
+        for entry in entries:
+            if "scale" in entry or "zero_point" in entry:
+                entry.pop("rmin", None)
+                entry.pop("rmax", None)
 
 
 # -- ONNX Runtime tool wrappers shared with the mixed recipe ------------------------------------------------
