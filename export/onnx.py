@@ -608,10 +608,14 @@ def _check_dynamic(target: str, recipe: str, **static_only: bool) -> None:
     if target != "onnx" or recipe not in DYNAMIC_RECIPES:
         raise UsageError(f"--dynamic exports for ONNX Runtime on CPU: --target onnx with --quant "
                          f"{'|'.join(DYNAMIC_RECIPES)}, not --target {target} --quant {recipe}")
-    given = [name for name, on in static_only.items() if on]
+    refuse_with("--dynamic", ": those need static shapes", **static_only)
+
+
+def refuse_with(option: str, why: str = "", **flags: bool) -> None:
+    """One-line UsageError when any of ``flags`` (``export_bundle``'s keyword names) is on alongside ``option``."""
+    given = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
     if given:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
-        raise UsageError(f"--dynamic cannot be combined with {flags}: those need static shapes")
+        raise UsageError(f"{option} cannot be combined with {', '.join(given)}{why}")
 
 
 def _check_extras(components: Sequence[str], test_vectors: bool, vector_prompt: str | None, vector_seed: int,

@@ -446,9 +446,9 @@ def check_request(family: str, target: str, recipe: str, components: Sequence[st
     if tuple(components) != ("transformer",):
         raise UsageError("--stream exports the transformer alone: pass --components transformer (export the other "
                          "components without --stream)")
-    used = [f"--{k.replace('_', '-')}" for k, on in options.items() if on]
-    if used:
-        raise UsageError(f"--stream does not combine with {', '.join(used)}")
+    from .onnx import refuse_with
+
+    refuse_with("--stream", **options)
 
 
 def export_graphs(path_of: Callable[[str], Path], src: Source, dims: iospec.Dims, rope: dict, recipe: str,

@@ -110,6 +110,6 @@ def _remove(dst: Path) -> None:
     extra = [dst.with_name(dst.name + ".data")]
     if dst.exists():
         with contextlib.suppress(DecodeError, OSError, ValueError, IntegrityError):  # half-written: drop what we can
-            extra += [f for f in files_of(dst)[1:] if f.name.startswith(dst.stem)]
+            extra += [f for f in files_of(dst)[1:] if f.name.startswith(dst.name)]
     for f in [dst, *extra]:
         f.unlink(missing_ok=True)
