@@ -28,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny schedules: checks the code path, not the quality")
     p.add_argument("--teacher-steps", type=int, help="override the teacher's optimiser steps (the recipe's default "
                    "fits the 60-minute budget on one core)")
+    p.add_argument("--heads", type=int, help="override the transformer's attention heads (width = heads x 32; the "
+                   "recipe's default is 3)")
     args = p.parse_args(argv)
     recipe = Recipe.smoke() if args.smoke else Recipe()
     if args.teacher_steps:
         recipe = replace(recipe, flow=replace(recipe.flow, steps=args.teacher_steps))
+    if args.heads:
+        recipe = replace(recipe, flow=replace(recipe.flow, heads=args.heads))
     numbers = train_default(args.out, Recipe(**{**recipe.__dict__, "seed": args.seed}), threads=args.threads)
     json.dump(numbers, sys.stdout, indent=2)
     print()

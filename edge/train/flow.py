@@ -35,7 +35,7 @@ class FlowRecipe:
     layers: int = 4
     text_hidden: int = 64
     text_layers: int = 2
-    steps: int = 3000
+    steps: int = 10000
     batch: int = 32  # small batches, many steps: what a CPU budget buys the most learning with
     lr: float = 2e-3
     ema: float = 0.998

@@ -28,7 +28,7 @@ class Recipe:
     """Everything that determines the shipped models."""
 
     seed: int = 0
-    scenes: int = 4096  # training scenes encoded once for the transformer
+    scenes: int = 8192  # training scenes encoded once for the transformer
     vae: VAERecipe = field(default_factory=VAERecipe)
     flow: FlowRecipe = field(default_factory=FlowRecipe)
     distill: DistillRecipe = field(default_factory=DistillRecipe)

@@ -34,10 +34,12 @@ class VAERecipe:
     full_batch: int = 4
     crop: int = 32
     lr: float = 1e-3
-    latent_noise: float = 0.0  # std of the noise added to latents, relative to their batch std
-    # Extra loss weight on pixels at colour edges (shape outlines decide the judge). 4.0 measured 28.48 dB and 85.5%
-    # whole-prompt accuracy on reconstructions (vs 27.78 dB / 83.5% at 0), but the shipped default was trained at 0.
-    edge_weight: float = 0.0
+    # std of the noise added to latents, relative to their batch std: a decoder that tolerates it tolerates the
+    # slightly-off latents a diffusion model samples.
+    latent_noise: float = 0.1
+    # Extra loss weight on pixels at colour edges (shape outlines decide the judge). With latent_noise 0.1: 28.52 dB
+    # and 85.5% whole-prompt accuracy on 200 held-out reconstructions (27.78 dB at edge_weight 0, no noise).
+    edge_weight: float = 4.0
 
 
 def vae_config(r: VAERecipe, mean=None, std=None) -> VAEV2Config:
