@@ -2,6 +2,7 @@
 
     python benchmarks/bench_export_scale.py [--work DIR] [--height 256 --width 256 --text-len 64] [--threads 1]
                                             [--graphs transformer] [--recipe int8] [--no-step] [--keep] [--json F]
+                                            [--text-encoder-layers N]
 
 1. **Checkpoint** (cached in ``--work``): a random bf16 checkpoint of the full 2.1 transformer in diffusers' layout
    (``config.json``, ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` shards of ``--shard-gb``, the
@@ -26,6 +27,14 @@
 
 The exported graph is deleted at the end unless ``--keep``; the checkpoint stays in ``--work`` (default
 ``$QWEN_EDGE_CACHE/bench-export-scale``, else ``/tmp/qwen-edge-bench/export-scale``; 14.2 GB) for the next run.
+
+**Text encoder** (``--text-encoder-layers N``, instead of the phases above): a random bf16 chunk of the 8B Qwen3-VL
+text stack 2.1 reads, at full width (names and shapes from transformers' ``Qwen3VLForConditionalGeneration`` on the
+meta device: the whole 151936 x 4096 embedding table, ``N`` of its 36 layers, the final norm; no vision tower or
+lm_head, which the text encoder never reads; 1.24 GB + 0.39 GB per layer), then in fresh processes the streamed
+export of the ``text_encoder`` graph (:func:`qwen_edge.export.stream_text.text_encoder_source`, the embedding table
+quantized as ``quantize_dynamic`` quantizes a Gather's) and its parity gate on random token ids vs the torch text
+encoder run a chunk of layers at a time (:func:`qwen_edge.export.stream_text.reference`), peak RSS of each.
 """
 
 from __future__ import annotations
@@ -77,7 +86,8 @@ def checkpoint_ready(folder: Path, seed: int, layers: int) -> bool:
 
 def child(job: dict) -> dict:
     phases = {"checkpoint": write_checkpoint, "export": export, "reference": reference, "load": load,
-              "bundle": bundle}
+              "bundle": bundle, "te_checkpoint": write_text_encoder, "te_export": export_text_encoder,
+              "te_gate": text_encoder_gate}
     start = time.perf_counter()
     result = phases[job["mode"]](job)
     from qwen_edge.fresh_process import peak_rss_mb
@@ -89,7 +99,6 @@ def write_checkpoint(job: dict) -> dict:
     """The random bf16 checkpoint, shard by shard, in diffusers' layout and names."""
     import torch
     from diffusers import QwenImage21Transformer2DModel
-    from safetensors.torch import save_file
 
     folder = Path(job["checkpoint"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,19 +106,26 @@ def write_checkpoint(job: dict) -> dict:
     with torch.device("meta"):
         ref = QwenImage21Transformer2DModel(num_layers=job["layers"])  # diffusers' defaults: the released 7.1B
     shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ref.save_config(str(folder))
+    return write_shards(folder, shapes, SHARD_PREFIX, job["layers"], job)
+
+
+def write_shards(folder: Path, shapes: dict[str, tuple[int, ...]], prefix: str, layers: int, job: dict) -> dict:
+    """:func:`random_tensor` of every name in ``shapes``, shard by shard, with the index and the stamp."""
+    from safetensors.torch import save_file
+
     shards = plan_shards(shapes, int(job["shard_gb"] * 2**30))
     weight_map = {}
     for i, names in enumerate(shards):
-        fname = f"{SHARD_PREFIX}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: random_tensor(n, shapes[n], job["seed"]) for n in names}, str(folder / fname),
                   metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, fname))
         log(f"wrote {fname}")
     params = sum(_numel(s) for s in shapes.values())
     index = {"metadata": {"total_size": 2 * params}, "weight_map": weight_map}
-    (folder / f"{SHARD_PREFIX}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    ref.save_config(str(folder))
-    stamp = {"seed": job["seed"], "layers": job["layers"], "parameters": params, "shards": len(shards)}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    stamp = {"seed": job["seed"], "layers": layers, "parameters": params, "shards": len(shards)}
     (folder / STAMP).write_text(json.dumps(stamp))
     return {"parameters": params, "shards": len(shards), "bytes": _bytes(folder.glob("*.safetensors"))}
 
@@ -235,6 +251,73 @@ def pipeline_folder(job: dict) -> Path:
     return root
 
 
+# -- the text encoder chunk -----------------------------------------------------------------------------------------
+
+
+def write_text_encoder(job: dict) -> dict:
+    """The random bf16 text-stack chunk at the 8B's width, in transformers' layout and names (see the docstring)."""
+    import torch
+    from qwen_edge.text_encoder import QWEN3_VL_8B as C
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    folder = Path(job["te_checkpoint"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STAMP).unlink(missing_ok=True)
+    text = {"vocab_size": C.vocab_size, "hidden_size": C.hidden_size, "intermediate_size": C.intermediate_size,
+            "num_hidden_layers": job["te_layers"], "num_attention_heads": C.num_heads,
+            "num_key_value_heads": C.num_kv_heads, "head_dim": C.head_dim, "rms_norm_eps": C.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": C.rope_theta, "mrope_interleaved": True,
+                                "mrope_section": [24, 20, 20]}}  # Qwen3-VL 8B's
+    config = Qwen3VLConfig(text_config=text, tie_word_embeddings=False)
+    with torch.device("meta"):
+        ref = Qwen3VLForConditionalGeneration(config)
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k.startswith("model.language_model.")}
+    config.save_pretrained(str(folder))
+    return write_shards(folder, shapes, "model", job["te_layers"], job)
+
+
+def export_text_encoder(job: dict) -> dict:
+    """The streamed export of the text encoder graph."""
+    from qwen_edge.export import stream, stream_text
+    from qwen_edge.quant.recipes import model_bytes
+
+    src = stream_text.text_encoder_source(Path(job["te_checkpoint"]))
+    facts = stream.export_streamed(src, "text_encoder", _te_io(job), _graph_path(job, "text_encoder"), job["recipe"],
+                                   log=log)
+    return {"bytes": model_bytes(_graph_path(job, "text_encoder")), "facts": facts}
+
+
+def text_encoder_gate(job: dict) -> dict:
+    """The export's gate: random token ids through the torch text encoder a chunk of layers at a time, then an
+    ONNX Runtime session on the streamed graph on the same ids."""
+    import numpy as np
+    from qwen_edge.export import stream_text
+
+    src, io = stream_text.text_encoder_source(Path(job["te_checkpoint"])), _te_io(job)
+    ids = np.random.default_rng(job["seed"]).integers(0, _vocab(job), io.inputs[0].shape, dtype=np.int64)  # (1, T)
+    start = time.perf_counter()
+    refs = stream_text.reference(src, [{"input_ids": ids}])
+    reference_s = time.perf_counter() - start
+    figures = stream_text.parity(_graph_path(job, "text_encoder"), io, [{"input_ids": ids}], refs)
+    return {"reference_s": reference_s, "fidelity": figures}
+
+
+def _vocab(job: dict) -> int:
+    from qwen_edge.checkpoint import read_json
+
+    return int(read_json(Path(job["te_checkpoint"]) / "config.json")["text_config"]["vocab_size"])
+
+
+def _te_io(job: dict):
+    from qwen_edge import iospec
+    from qwen_edge.text_encoder import QWEN3_VL_8B
+
+    dims = iospec.Dims(family="qwen-image-2.1", height=job["height"], width=job["width"], text_len=job["text_len"],
+                       drop=0, text_hidden=QWEN3_VL_8B.hidden_size, z_channels=0, image_channels=0,
+                       encoder_channels=0, heads=0, head_dim=0, layers=0)  # the text encoder's I/O reads none
+    return iospec.text_encoder(dims)
+
+
 def _dims(job: dict):
     from qwen_edge import iospec
     from qwen_edge.checkpoint import read_json
@@ -323,6 +406,38 @@ def _export_lines(report: dict) -> list[str]:
     return lines
 
 
+def text_encoder_summary(report: dict) -> str:
+    ex, gate = report["te_export"], report["te_gate"]
+    fid = gate["fidelity"]
+    head = (f"streamed {report['recipe']} export of a full-width Qwen3-VL text encoder chunk "
+            f"({report['parameters'] / 1e9:.2f} B parameters: the embedding table + {report['te_layers']} layers, "
+            f"{report['checkpoint_gb']:.2f} GB bf16), text {report['text_len']}:")
+    export = (f"  export: peak RSS {ex['peak_rss_mb'] / GB:.2f} GB (ru_maxrss {ex['ru_maxrss_mb'] / GB:.2f} GB), "
+              f"{ex['seconds']:.0f} s, {ex['bytes'] / 1e9:.2f} GB on disk, {ex['facts']['weights_streamed']} "
+              "weights")
+    checked = (f"  gate (torch chunks {gate['reference_s']:.0f} s + ONNX Runtime): peak RSS "
+               f"{gate['peak_rss_mb'] / GB:.2f} GB, {gate['seconds']:.0f} s; PSNR {fid['psnr_db']:.1f} dB, max rel "
+               f"error {fid['max_rel_error']:.2e}")
+    return f"{head}\n{export}\n{checked}"
+
+
+def run_text_encoder(job: dict, work: Path, keep: bool) -> dict:
+    """The text encoder phases (``--text-encoder-layers``): checkpoint (cached), export, gate."""
+    ckpt = Path(job["te_checkpoint"])
+    report = {k: job[k] for k in ("text_len", "recipe", "threads", "te_layers")}
+    if not checkpoint_ready(ckpt, job["seed"], job["te_layers"]):
+        report["checkpoint_write"] = run_child({**job, "mode": "te_checkpoint"})
+    stamp = json.loads((ckpt / STAMP).read_text())
+    report.update(parameters=stamp["parameters"], checkpoint_gb=_bytes(ckpt.glob("*.safetensors")) / 1e9)
+    try:
+        report["te_export"] = run_child({**job, "mode": "te_export"})
+        report["te_gate"] = run_child({**job, "mode": "te_gate"})
+    finally:
+        if not keep:
+            shutil.rmtree(work / "out")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -342,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", action="store_true", help="also run qwen-edge export --stream end to end (both graphs, "
                     "gates, manifest)")
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--text-encoder-layers", type=int, default=0, help="instead: stream a random full-width 2.1 "
+                    "text encoder chunk, the whole embedding table and this many of its 36 layers (see the docstring)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -353,8 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     job = {"work": str(work), "checkpoint": str(work / f"checkpoint-{args.layers}-layers" / "transformer"),
            "height": args.height, "width": args.width, "text_len": args.text_len, "graphs": graphs,
            "recipe": args.recipe, "threads": args.threads, "shard_gb": args.shard_gb, "seed": args.seed, "step": not args.no_step,
-           "layers": args.layers, "bundle": args.bundle}
+           "layers": args.layers, "bundle": args.bundle, "te_layers": args.text_encoder_layers,
+           "te_checkpoint": str(work / f"text-encoder-{args.text_encoder_layers}-layers" / "text_encoder")}
     (work / "out").mkdir(parents=True, exist_ok=True)
+    if args.text_encoder_layers > 0:
+        report = run_text_encoder(job, work, args.keep)
+        print(text_encoder_summary(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+        return 0
     report = {k: job[k] for k in ("height", "width", "text_len", "recipe", "threads")}
     ckpt = Path(job["checkpoint"])
     if not checkpoint_ready(ckpt, args.seed, args.layers):

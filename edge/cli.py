@@ -176,9 +176,10 @@ def _export_args(sub) -> None:
     p.add_argument("--precompute-modulation", action="store_true", help="2.1: tabulate the transformer's "
                    "modulation for the bundle's sigmas instead of shipping the timestep/modulation weights "
                    "(the bundle then runs its own schedule only)")
-    p.add_argument("--stream", action="store_true", help="2.1 transformer, --quant fp32|int8: trace on the meta "
-                   "device and stream the weights from safetensors, quantizing as they stream (the fp32 model is never "
-                   "in memory: for the full 7.1B model); with --components transformer")
+    p.add_argument("--stream", action="store_true", help="2.1, --quant fp32|int8: trace the text encoder and "
+                   "transformer on the meta device and stream their weights from safetensors, quantizing as they "
+                   "stream (the fp32 model is never in memory: for the full 8B + 7.1B models); --components "
+                   "text_encoder and/or transformer, vae_decoder (exported normally) with both")
     p.add_argument("--dynamic", action="store_true", help="onnx, --quant fp32|fp16|int8|int4: symbolic image-size axes, "
                    "so the bundle generates at any size on the patch grid (--height/--width: its default and gate size)")
     p.add_argument("--expander-llm", type=Path, help="a causal LM folder (transformers, exported here, or already "

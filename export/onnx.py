@@ -485,8 +485,9 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     Optional parts (:mod:`qwen_edge.export.augment`): ``test_vectors`` records conformance vectors for
     ``vector_prompt`` and ``vector_seed``; ``ort_format`` adds ORT-format models and their operator config;
     ``expander_llm`` (a causal LM folder) exports the prompt expander into ``expander/``. ``stream`` (2.1, fp32 or
-    int8, the transformer alone): trace on the meta device and stream the weights from safetensors, quantizing as
-    they stream, so the fp32 model is never in memory (:mod:`qwen_edge.export.stream`); no torch sample run.
+    int8; text_encoder and/or transformer, vae_decoder with both): trace on the meta device and stream the weights
+    from safetensors, quantizing as they stream, so the fp32 model is never in memory (:mod:`qwen_edge.export.
+    stream`); the small decoder is exported as usual; no torch sample run and no image gate.
     ``dynamic`` (``target="onnx"``, :data:`DYNAMIC_RECIPES`): the image-size-dependent axes symbolic, so the bundle
     generates at any size on the patch grid (``height``/``width`` are its default size and where it is gated).
     """
@@ -515,7 +516,8 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
 
         check_request(spec.family.name, target, recipe, components, test_vectors=test_vectors, ort_format=ort_format,
                       expander_llm=expander_llm, precompute_modulation=precompute_modulation)
-        return _export_streamed(out, spec, model, dims, target, recipe, steps, opset, gate, meta, log)
+        return _export_streamed(out, spec, model, dims, target, recipe, components, prompts, steps, seed, opset,
+                                gate, meta, log)
     from qwen_edge.runtimes.torch import TorchComponents
 
     log(f"loading {spec.root}")
@@ -554,35 +556,64 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     return manifest
 
 
-def _export_streamed(out, spec: ModelSpec, model, dims: iospec.Dims, target: str, recipe: str, steps: int, opset: int,
+def _export_streamed(out, spec: ModelSpec, model, dims: iospec.Dims, target: str, recipe: str,
+                     components: Sequence[str], prompts: Sequence[str], steps: int, seed: int, opset: int,
                      gate: float, meta: dict[str, str], log: Callable[[str], None]) -> bundle_mod.Manifest:
-    """``export_bundle(stream=True)``: the 2.1 transformer's graphs streamed (:func:`qwen_edge.export.stream.
-    export_graphs`), each gated against the torch model run a chunk of blocks at a time; a transformer-only bundle."""
-    from . import stream
+    """``export_bundle(stream=True)``: the text encoder (:func:`qwen_edge.export.stream_text.export_text_encoder`,
+    gated on ``prompts``) and the 2.1 transformer's graphs (:func:`qwen_edge.export.stream.export_graphs`)
+    streamed, each gated against its torch model run a chunk of blocks at a time; the VAE decoder (small) exported
+    as usual on the latents the streamed graphs sample (:func:`qwen_edge.export.stream.decoder_feeds`). No torch
+    pipeline runs, so there is no image gate: the components' gates stand."""
+    from . import stream, stream_text
 
     src = stream.transformer_source(spec.component("transformer"))
     with torch.device("meta"):
         rope = _rope(src.build())
-    sigma = schedule.sigmas(spec.scheduler, steps, dims.tokens, sample_sigmas=spec.sample_sigmas)[0]
-    io = iospec.components(dims)
+    pad_id, io = _pad_id(spec), iospec.components(dims)
     with BundleWriter(out) as writer:
         entries = {}
-        for name, facts, figures in stream.export_graphs(writer.path, src, dims, rope, recipe,
-                                                         schedule.model_timestep(sigma), opset=opset, log=log):
-            rel = f"{name}.onnx"
-            stamp_metadata(writer.path(rel), {**meta, "qwen_edge.component": name})
-            _gate(name, figures, gate)
-            log(f"  {name}: {figures['psnr_db']:.1f} dB vs torch")
-            uses = [rel, *bundle_mod.external_data_files(writer.path(rel))]
-            entries[name] = bundle_mod.Component(name=name, file=rel, io=io[name], files=writer.hashes(uses),
-                                                 opset=opset, recipe=recipe, quant=facts,
-                                                 fidelity={**figures, "min_psnr_db": gate})
+        if "text_encoder" in components:
+            te_src = stream_text.text_encoder_source(spec.component("text_encoder"), spec.family.name)
+            feeds = stream_text.sample_feeds(spec, dims, rope, pad_id, prompts)
+            facts, figures = stream_text.export_text_encoder(writer.path("text_encoder.onnx"), te_src,
+                                                             io["text_encoder"], feeds, recipe, opset=opset, log=log)
+            entries["text_encoder"] = _streamed_entry(writer, "text_encoder", io["text_encoder"], recipe, facts,
+                                                      figures, opset, gate, meta, log)
+        if "transformer" in components:
+            sigma = schedule.sigmas(spec.scheduler, steps, dims.tokens, sample_sigmas=spec.sample_sigmas)[0]
+            for name, facts, figures in stream.export_graphs(writer.path, src, dims, rope, recipe,
+                                                             schedule.model_timestep(sigma), opset=opset, log=log):
+                entries[name] = _streamed_entry(writer, name, io[name], recipe, facts, figures, opset, gate, meta,
+                                                log)
+        if "vae_decoder" in components:
+            log(f"sampling {len(prompts)} prompt(s) on the streamed graphs for the decoder's inputs")
+            latents = stream.decoder_feeds(writer.path, spec, dims, rope, pad_id, prompts, steps, seed)
+            from qwen_edge.vae_v2 import load_vae_v2_decoder
+
+            log("exporting vae_decoder")
+            entries["vae_decoder"] = _component(
+                writer, writer.work, "vae_decoder", load_vae_v2_decoder(spec.component("vae")).eval(),
+                io["vae_decoder"], latents, recipe, _quantizer(recipe, target), opset, None, gate,
+                {**meta, "qwen_edge.component": "vae_decoder"})
+            log(f"  vae_decoder: {entries['vae_decoder'].fidelity['psnr_db']:.1f} dB vs torch")
         entries = _share_weights(writer, entries, log)
-        tokenizer = _tokenizer(writer, spec, _pad_id(spec))
+        tokenizer = _tokenizer(writer, spec, pad_id)
         manifest = _manifest(spec, model, dims, rope, target, recipe, steps, entries, tokenizer)
         writer.commit(manifest)
     log(f"wrote {writer.out}")
     return manifest
+
+
+def _streamed_entry(writer: BundleWriter, name: str, io: iospec.IOSpec, recipe: str, facts: dict, figures: dict,
+                    opset: int, gate: float, meta: dict[str, str], log: Callable[[str], None]) -> bundle_mod.Component:
+    """A streamed graph's manifest entry, once it passed its gate (metadata stamped, files hashed)."""
+    rel = f"{name}.onnx"
+    stamp_metadata(writer.path(rel), {**meta, "qwen_edge.component": name})
+    _gate(name, figures, gate)
+    log(f"  {name}: {figures['psnr_db']:.1f} dB vs torch")
+    uses = [rel, *bundle_mod.external_data_files(writer.path(rel))]
+    return bundle_mod.Component(name=name, file=rel, io=io, files=writer.hashes(uses), opset=opset, recipe=recipe,
+                                quant=facts, fidelity={**figures, "min_psnr_db": gate})
 
 
 def _check_choices(target: str, quant: str | None, components: Sequence[str], steps: int) -> str:

@@ -1,30 +1,34 @@
-"""Streaming ONNX export of the 2.1 transformer graphs: the fp32 model is never in memory (issue 4, "Scale").
+"""Streaming ONNX export of the 2.1 graphs: the fp32 model is never in memory (issue 4, "Scale").
 
 The normal exporter (:mod:`qwen_edge.export.onnx`) loads the torch model, exports it in fp32 and quantizes the
 file; for the 7.1B Qwen-Image-2.1 transformer that is 28 GB of fp32 weights, more than the machines the issue
-targets hold. This path reaches the same graph in three passes, none of which holds more than one weight:
+targets hold (the 8B Qwen3-VL text encoder: 32 GB). This path reaches the same graph in three passes, none of which
+holds more than one weight (the text encoder's own parts, its embedding table and chunked reference, are in
+:mod:`qwen_edge.export.stream_text`):
 
 1. **Trace.** The model is built on the meta device and exported by the same dynamo exporter through the same
-   wrapper (:class:`~qwen_edge.export.onnx.TransformerV21Graph`, :class:`~qwen_edge.export.onnx.TextKVGraph`),
-   then the passes ``export_graph`` runs (``ONNXProgram.optimize``, :func:`qwen_edge.export.compact.
-   fold_constant_paths`). Vector parameters (norm scales, a few KB) and the few matrices that only meet
-   constants (2.1 text_kv's t = 0 modulation: 85 M parameters of 7.1 B, folded into one row) are read before,
-   so the passes fold them exactly as in a normal export; every other weight matrix is a data-less graph input
-   meanwhile, so the graph holds its *name* only.
+   wrapper (:class:`~qwen_edge.export.onnx.TransformerV21Graph`, :class:`~qwen_edge.export.onnx.TextKVGraph`,
+   :class:`~qwen_edge.export.onnx.TextEncoderGraph`), then the passes ``export_graph`` runs
+   (``ONNXProgram.optimize``, :func:`qwen_edge.export.compact.fold_constant_paths`). Vector parameters (norm
+   scales, a few KB) and the few matrices that only meet constants (2.1 text_kv's t = 0 modulation: 85 M
+   parameters of 7.1 B, folded into one row) are read before, so the passes fold them exactly as in a normal
+   export; every other weight matrix is a data-less graph input meanwhile, so the graph holds its *name* only.
 2. **Fold.** What the optimizer does to a weight matrix when it has the data, ``Transpose(W)`` folded into the
    MatMul's constant, is done here by name (:func:`fold_transposes`); the transpose happens when the weight is
    read. For int8, :func:`dynamic_int8` then rewrites the graph as ``quantize_dynamic`` does: ``Gemm`` to
    ``MatMul`` (its ``replace_gemm_with_matmul``) and each MatMul with a weight to its dynamic pattern
    (``DynamicQuantizeLinear``, ``MatMulInteger``, ``Cast``, two ``Mul``; ORT fuses them at load to
-   ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), with its tensor names.
+   ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), with its tensor names; an embedding table's ``Gather``
+   reads the uint8 table and is followed by a ``DequantizeLinear`` (its ``GatherQuant``).
 3. **Stream.** Each weight is read alone from the (sharded, bf16) safetensors, cast to float32, transposed,
-   quantized per output channel with ONNX Runtime's own primitives (:func:`quantize_per_channel`) and appended to
-   the external data file by ``onnx.external_data_helper``.
+   quantized per output channel with ONNX Runtime's own primitives (:func:`quantize_per_channel`; an embedding
+   table per tensor) and appended to the external data file by ``onnx.external_data_helper``.
 
 The result is the graph ``export_graph`` + ``qwen_edge.quant.quantize(..., "int8")`` write, computing the same
 outputs (tests/test_export_stream.py), so runtime, verify and bench run it unchanged. Its parity gate needs no
 fp32 model either: :func:`reference` runs the torch model a chunk of blocks at a time
-(:func:`qwen_edge.export.coreml_chunks.load_chunk`).
+(:func:`qwen_edge.export.coreml_chunks.load_chunk`). A bundle's VAE decoder (small) is exported normally, on the
+latents the streamed graphs sample (:func:`decoder_feeds`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ from .coreml_chunks import Source, load_chunk, plan
 
 RECIPES = ("fp32", "int8")
 GRAPHS = ("text_kv", "transformer")  # the 2.1 "transformer" component: text K/V once per prompt, then one step
+STREAMABLE = ("text_encoder", *GRAPHS)
+# What ``export_bundle(stream=True)`` writes: text encoder and transformer streamed, the (small) decoder exported
+# normally on the latents the streamed graphs sample.
+STREAMED_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # where a streamed weight may enter a node
 PREFIX = "model."  # the wrappers hold the model as ``self.model``: graph initializer = PREFIX + parameter name
 CHUNK_BYTES = 2 << 30  # torch reference: fp32 weights loaded at a time
 INLINE_LIMIT = 64 << 20  # a traced graph holding a bigger initializer did not fold what it should have
@@ -58,11 +67,13 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Weight:
-    """A weight matrix the graph names but does not hold: the checkpoint parameter it is read from, and whether it
-    enters the graph transposed (a folded ``Transpose``, or a ``Gemm(transB=1)`` turned into a MatMul)."""
+    """A weight matrix the graph names but does not hold: the checkpoint parameter it is read from, whether it
+    enters the graph transposed (a folded ``Transpose``, or a ``Gemm(transB=1)`` turned into a MatMul), and whether
+    it is an embedding table a ``Gather`` reads (int8: quantized per tensor, not per channel)."""
 
     key: str
     transpose: bool = False
+    table: bool = False
 
 
 # -- the checkpoint, one tensor at a time -------------------------------------------------------------------------
@@ -103,8 +114,8 @@ class Checkpoint:
                        if k in self.shapes and self.shapes[k] != s)
         if missing or wrong:
             few = ", ".join((missing + wrong)[:6]) + (" ..." if len(missing) + len(wrong) > 6 else "")
-            raise InputError(f"{self.src.folder} does not match the {self.src.family} transformer: {len(missing)} "
-                             f"missing, {len(wrong)} mis-shaped ({few})")
+            raise InputError(f"{self.src.folder} does not match the {self.src.family} {self.src.component}: "
+                             f"{len(missing)} missing, {len(wrong)} mis-shaped ({few})")
 
     def read(self, name: str, transpose: bool = False) -> np.ndarray:
         """Parameter ``name`` as float32 NumPy (bf16/fp16 upcast exactly, as the torch loader does); a matrix
@@ -123,9 +134,10 @@ class Checkpoint:
 
 def wrapper(graph: str, model: torch.nn.Module) -> torch.nn.Module:
     """The exporter's own wrapper of ``graph`` (rank-6 text K/V, sigma input: the ``onnx`` target's graphs)."""
-    from .onnx import TextKVGraph, TransformerV21Graph
+    from .onnx import TextEncoderGraph, TextKVGraph, TransformerV21Graph
 
-    return (TextKVGraph if graph == "text_kv" else TransformerV21Graph)(model).eval()
+    cls = {"text_encoder": TextEncoderGraph, "text_kv": TextKVGraph, "transformer": TransformerV21Graph}[graph]
+    return cls(model).eval()
 
 
 def trace(src: Source, ckpt: Checkpoint, graph: str, io: iospec.IOSpec, opset: int):
@@ -223,30 +235,34 @@ def _is_meta(tensor) -> bool:
 
 def fold_transposes(graph, leaves: dict[str, str]) -> dict[str, Weight]:
     """The exporter optimizer's fold of ``Transpose(W, perm=[1, 0])`` into the MatMul's constant, by name: the
-    Transpose's output becomes the weight, read transposed. Weights a node uses directly (``Gemm``'s B) keep their
-    names. Returns {graph tensor name: Weight} in graph order; IntegrityError for a weight used any other way."""
+    Transpose's output becomes the weight, read transposed. Weights a node uses directly (``Gemm``'s B, the table
+    of an embedding's ``Gather``) keep their names. Returns {graph tensor name: Weight} in graph order;
+    IntegrityError for a weight used any other way."""
     weights, nodes = {}, []
     for node in graph.node:
         if node.op_type == "Transpose" and node.input[0] in leaves and _ints(node, "perm") == [1, 0]:
             weights[node.output[0]] = Weight(leaves[node.input[0]], transpose=True)
             continue
-        for x in node.input[1:2]:
-            if x in leaves and node.op_type in ("MatMul", "Gemm"):
-                weights[x] = Weight(leaves[x])
+        x = node.input[WEIGHT_INPUT[node.op_type]] if node.op_type in WEIGHT_INPUT else None
+        if x in leaves:
+            weights[x] = Weight(leaves[x], table=node.op_type == "Gather")
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _check_uses(graph, {**leaves, **weights}, ("MatMul", "Gemm"))
+    _check_uses(graph, {**leaves, **weights}, WEIGHT_INPUT)
     return weights
 
 
 def dynamic_int8(graph, weights: dict[str, Weight]) -> tuple[dict[str, Weight], set[str]]:
-    """``quantize_dynamic(op_types=[MatMul, Gemm], MatMulConstBOnly, nodes_to_exclude=boundary layers)`` applied to
+    """``quantize_dynamic(op_types=[MatMul, Gemm, Gather], MatMulConstBOnly, nodes_to_exclude=boundary layers)`` on
     the weights by name: plain Gemms become MatMuls on ``<B>_Transposed``, then every MatMul on a weight but the
     int8 recipe's fp32 boundary layers (:func:`qwen_edge.quant.recipes.boundary_nodes`) becomes ORT's dynamic
-    pattern. Returns the weights under their new names (a quantized one is written as ``<name>_quantized``,
-    ``_scale``, ``_zero_point``) and the names of those that stay float."""
+    pattern, and every embedding table's Gather reads it quantized (:func:`qwen_edge.export.stream_text.
+    dequantized_gathers`). Returns the weights under their new names (a quantized one is written as
+    ``<name>_quantized``, ``_scale``, ``_zero_point``) and the names of those that stay float."""
     from qwen_edge.quant.recipes import boundary_nodes
+
+    from .stream_text import dequantized_gathers
 
     weights = _gemms_as_matmuls(graph, weights)
     kept = set(boundary_nodes(graph, set(weights)))
@@ -262,7 +278,9 @@ def dynamic_int8(graph, weights: dict[str, Weight]) -> tuple[dict[str, Weight], 
         nodes += _matmul_integer(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _check_uses(graph, {f"{w}_quantized": None for w in weights if w not in kept_weights}, ("MatMulInteger",))
+    dequantized_gathers(graph, {name for name, w in weights.items() if w.table})
+    _check_uses(graph, {f"{w}_quantized": None for w in weights if w not in kept_weights},
+                {"MatMulInteger": 1, "Gather": 0})
     return weights, kept_weights
 
 
@@ -315,13 +333,14 @@ def _matmul_integer(node) -> list:
     ]
 
 
-def _check_uses(graph, names: dict, op_types: Sequence[str]) -> None:
-    """IntegrityError unless every use of ``names`` is the B input of one of ``op_types``."""
+def _check_uses(graph, names: dict, uses: dict[str, int]) -> None:
+    """IntegrityError unless every use of ``names`` is input ``uses[op_type]`` of a node of one of those types."""
     for node in graph.node:
         for i, x in enumerate(node.input):
-            if x in names and (node.op_type not in op_types or i != 1):
+            if x in names and uses.get(node.op_type) != i:
+                allowed = ", ".join(f"input {j} of {op}" for op, j in uses.items())
                 raise IntegrityError(f"weight {x} feeds input {i} of a {node.op_type} node ({node.name}); the "
-                                     f"streaming exporter handles weights that are the B of {'/'.join(op_types)}")
+                                     f"streaming exporter handles weights that are {allowed}")
 
 
 def _ints(node, name: str) -> list[int]:
@@ -377,13 +396,16 @@ def write(model, weights: dict[str, Weight], ckpt: Checkpoint, path: Path, quant
 
 
 def _stream_one(name: str, w: Weight, ckpt: Checkpoint, data: Path, quantized: bool, reduce_range: bool) -> list:
-    """One weight's initializers: its data appended to ``data``, int8 with its (small) scale and zero point."""
+    """One weight's initializers: its data appended to ``data``, int8 (an embedding table: uint8) with its (small)
+    scale and zero point."""
     from onnx import numpy_helper
 
-    array = ckpt.read(w.key, w.transpose)  # (K, N): what the MatMul multiplies by
+    from .stream_text import quantize_table
+
+    array = ckpt.read(w.key, w.transpose)  # (K, N): what the MatMul multiplies by; a table (vocab, hidden)
     if not quantized:
         return [_external(array, name, data)]
-    q, scale, zero_point = quantize_per_channel(array, reduce_range)
+    q, scale, zero_point = quantize_table(array) if w.table else quantize_per_channel(array, reduce_range)
     return [_external(q, f"{name}_quantized", data), numpy_helper.from_array(scale, f"{name}_scale"),
             numpy_helper.from_array(zero_point, f"{name}_zero_point")]
 
@@ -413,14 +435,15 @@ def int8_facts(reduce_range: bool) -> dict:
 
 def export_streamed(src: Source, graph: str, io: iospec.IOSpec, path: Path, recipe: str, *, opset: int = 21,
                     reduce_range: bool = False, ckpt: Checkpoint | None = None, log: Log | None = None) -> dict:
-    """Export ``graph`` ("text_kv" or "transformer") of the 2.1 transformer ``src`` to ``path`` (+ ``path.data``) in
-    ``recipe`` ("fp32" or "int8"), streaming its weights. Returns the facts for the manifest."""
+    """Export ``graph`` ("text_encoder" of a text encoder ``src``; "text_kv" or "transformer" of the 2.1
+    transformer) to ``path`` (+ ``path.data``) in ``recipe`` ("fp32" or "int8"), streaming its weights. Returns
+    the facts for the manifest."""
     from .onnx import _check_static
 
     if recipe not in RECIPES:
         raise UsageError(f"the streaming exporter writes {' or '.join(RECIPES)} graphs, not {recipe}")
-    if graph not in GRAPHS:
-        raise UsageError(f"the streaming exporter exports {', '.join(GRAPHS)}, not {graph}")
+    if graph not in STREAMABLE:
+        raise UsageError(f"the streaming exporter exports {', '.join(STREAMABLE)}, not {graph}")
     ckpt = ckpt or Checkpoint(src)
     model, leaves = trace(src, ckpt, graph, io, opset)
     weights = fold_transposes(model.graph, leaves)
@@ -432,20 +455,25 @@ def export_streamed(src: Source, graph: str, io: iospec.IOSpec, path: Path, reci
     facts = write(model, weights, ckpt, path, recipe == "int8", reduce_range, log, keep=kept)
     _check_static(path, io)
     facts = {**facts, "kept_fp32": len(kept)} if kept else facts
+    if recipe == "int8" and any(w.table for w in weights.values()):
+        facts["embedding_table"] = "uint8 per tensor, asymmetric (quantize_dynamic's Gather), dequantized after it"
     return {**(int8_facts(reduce_range) if recipe == "int8" else {"recipe": "fp32"}), **facts}
 
 
 def check_request(family: str, target: str, recipe: str, components: Sequence[str], **options) -> None:
     """One-line UsageError for what ``export_bundle(stream=True)`` does not do; ``options``: flags that must be off."""
     if family != "qwen-image-2.1":
-        raise UsageError(f"--stream exports a qwen-image-2.1 transformer; this checkpoint is {family}")
+        raise UsageError(f"--stream exports qwen-image-2.1 checkpoints; this checkpoint is {family}")
     if target != "onnx":
         raise UsageError(f"--stream writes --target onnx graphs, not {target}")
     if recipe not in RECIPES:
         raise UsageError(f"--stream writes {' or '.join(RECIPES)} graphs (quantized as they stream), not {recipe}")
-    if tuple(components) != ("transformer",):
-        raise UsageError("--stream exports the transformer alone: pass --components transformer (export the other "
-                         "components without --stream)")
+    if not set(components) <= set(STREAMED_COMPONENTS):
+        raise UsageError(f"--stream exports {', '.join(STREAMED_COMPONENTS)}; export "
+                         f"{', '.join(c for c in components if c not in STREAMED_COMPONENTS)} without --stream")
+    if "vae_decoder" in components and not {"text_encoder", "transformer"} <= set(components):
+        raise UsageError("--stream exports vae_decoder only with text_encoder and transformer (its sample latents "
+                         "come from their streamed graphs); export it alone without --stream")
     from .onnx import refuse_with
 
     refuse_with("--stream", **options)
@@ -537,3 +565,57 @@ def parity(path: Path, io: iospec.IOSpec, feed: Feed, ref: np.ndarray) -> dict[s
 
     got = open_session(path, "cpu", name=io.component).run(io.output_names, {n: feed[n] for n in io.input_names})
     return {**fidelity(ref, got[0]), "samples": 1, "reference": "torch fp32, a chunk of blocks at a time"}
+
+
+# -- the VAE decoder's sample inputs, from the streamed graphs -----------------------------------------------------
+
+
+def decoder_feeds(path_of: Callable[[str], Path], spec, dims: iospec.Dims, rope: dict, pad_id: int,
+                  prompts: Sequence[str], steps: int, seed: int) -> list[Feed]:
+    """The VAE decoder's real inputs without the torch model: each prompt generated by the pipeline (``steps``,
+    ``seed``) on the streamed graphs at ``path_of("<graph>.onnx")`` in ONNX Runtime, one session open at a time,
+    keeping the latents it decodes. They gate and calibrate the decoder as the torch sample run's latents do."""
+    from qwen_edge.pipeline import Pipeline
+    from qwen_edge.runtimes.onnx import GraphComponents
+
+    from .onnx import _image
+
+    recorder = _LatentRecorder(GraphComponents(dims, rope, _runner(path_of, iospec.components(dims)), pad_id))
+    pipe = Pipeline(spec, recorder)
+    for prompt in prompts:
+        _image(pipe, prompt, dims, steps, seed)
+    return recorder.latents
+
+
+def _runner(path_of: Callable[[str], Path], io: dict[str, iospec.IOSpec]):
+    """run(graph, feed) -> {output: array} over the graph files, only the graph last run keeping its session."""
+    from qwen_edge.runtimes.onnx import open_session
+
+    sessions = {}
+
+    def run(name: str, feed: Feed) -> Feed:
+        if name not in sessions:
+            sessions.clear()  # the previous graph's weights go before the next one's load
+            sessions[name] = open_session(path_of(f"{name}.onnx"), "cpu", name=name, low_memory=True)
+        outs = sessions[name].run(io[name].output_names, {n: feed[n] for n in io[name].input_names})
+        return dict(zip(io[name].output_names, outs))
+
+    return run
+
+
+class _LatentRecorder:
+    """Pipeline components that encode and denoise with ``graphs`` and keep what decode is handed instead of
+    decoding: the decoder being exported is what those latents are for, so the image returned is blank."""
+
+    def __init__(self, graphs):
+        self.graphs, self.latents = graphs, []
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        return self.graphs.encode_text(ids)
+
+    def denoiser(self, text: np.ndarray, h: int, w: int):
+        return self.graphs.denoiser(text, h, w)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        self.latents.append({"latents": np.ascontiguousarray(z, np.float32)})  # (1, C, h, w)
+        return np.zeros((1, 3, *z.shape[2:]), np.float32)  # never looked at

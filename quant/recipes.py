@@ -202,10 +202,15 @@ def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
     if component in VAE_COMPONENTS:
         return {**int8(component, src, dst, calibration, opts), "note": "VAE components stay int8"}
     model = canonical(src)
-    quantize_nbits(model, 4, opts.block_size)
+    kept = boundary_nodes(model.graph, {t.name for t in model.graph.initializer})
+    quantize_nbits(model, 4, opts.block_size, keep=kept)
     save(model, dst)
-    return {"weights": f"int4 symmetric, blocks of {opts.block_size} along K (MatMulNBits, GatherBlockQuantized)",
-            "activations": "int8 inside MatMulNBits (accuracy_level 4)", "block_size": opts.block_size}
+    facts = {"weights": f"int4 symmetric, blocks of {opts.block_size} along K (MatMulNBits, GatherBlockQuantized)",
+             "activations": "int8 inside MatMulNBits (accuracy_level 4)", "block_size": opts.block_size}
+    if kept:  # as int8 keeps them, for the same reason (boundary_layers); at 4 bits they cost even more
+        facts["kept_fp32"] = {"nodes": kept, "why": "the linear layers reading the graph's inputs (img_in) and "
+                                                    "writing its outputs (proj_out) cost the most per byte"}
+    return facts
 
 
 def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
@@ -294,14 +299,15 @@ def canonical(src: Path):
     return wrapped.model
 
 
-def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = None) -> None:
-    """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given)."""
+def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = None, keep=()) -> None:
+    """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given), except
+    the nodes named in ``keep``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     op_types = ("MatMul", "Gather")
     # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
     others = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in (nodes or ())]
-    exclude = [] if nodes is None else others
+    exclude = [*keep] + ([] if nodes is None else others)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
                                      nodes_to_exclude=exclude, op_types_to_quantize=op_types,
                                      quant_axes=(("MatMul", 0), ("Gather", 1)))
