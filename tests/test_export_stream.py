@@ -90,7 +90,7 @@ def test_streamed_int8_is_the_normal_int8_export(setup, bundle, graph, tmp_path)
 
     assert _ops(streamed) == _ops(tmp_path / "normal.onnx")
     facts = json.loads((bundle / "manifest.json").read_text())["components"][graph]["quant"]
-    # the int8 recipe's fp32 boundary layers (img_in, proj_out; the text encoder's last): as many as the normal keeps
+    # the int8 recipe's fp32 boundary layers (img_in, proj_out; none in the text encoder): as many as the normal keeps
     kept = len(normal.get("kept_fp32", {}).get("nodes", []))
     assert facts.get("kept_fp32", 0) == kept
     tables = _ops(streamed)["DequantizeLinear"]  # the text encoder's embedding table: uint8, dequantized rows
