@@ -291,14 +291,14 @@ def text_encoder_gate(job: dict) -> dict:
     """The export's gate: random token ids through the torch text encoder a chunk of layers at a time, then an
     ONNX Runtime session on the streamed graph on the same ids."""
     import numpy as np
-    from qwen_edge.export import stream_text
+    from qwen_edge.export import stream, stream_text
 
     src, io = stream_text.text_encoder_source(Path(job["te_checkpoint"])), _te_io(job)
     ids = np.random.default_rng(job["seed"]).integers(0, _vocab(job), io.inputs[0].shape, dtype=np.int64)  # (1, T)
     start = time.perf_counter()
     refs = stream_text.reference(src, [{"input_ids": ids}])
     reference_s = time.perf_counter() - start
-    figures = stream_text.parity(_graph_path(job, "text_encoder"), io, [{"input_ids": ids}], refs)
+    figures = stream.parity(_graph_path(job, "text_encoder"), io, [{"input_ids": ids}], refs, stream_text.REFERENCE)
     return {"reference_s": reference_s, "fidelity": figures}
 
 

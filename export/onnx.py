@@ -417,15 +417,18 @@ def parity(module: nn.Module, io: iospec.IOSpec, model: Path, feeds: Sequence[Fe
     from qwen_edge.runtimes.onnx import open_session
 
     sess = open_session(model, "cpu", name=io.component)
-    worst = {"psnr_db": PSNR_CAP_DB, "max_rel_error": 0.0}
+    figures = []
     for feed in feeds:
         refs = torch_run(module, io.input_names, feed)
         gots = sess.run(io.output_names, {n: feed[n] for n in io.input_names})
-        for ref, got in zip(refs, gots):
-            f = fidelity(ref, got)
-            worst = {"psnr_db": min(worst["psnr_db"], f["psnr_db"]),
-                     "max_rel_error": max(worst["max_rel_error"], f["max_rel_error"])}
-    return {**worst, "samples": len(feeds)}
+        figures += [fidelity(ref, got) for ref, got in zip(refs, gots)]
+    return {**worst(figures), "samples": len(feeds)}
+
+
+def worst(figures: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The worst of several :func:`fidelity` results: lowest PSNR, highest relative error."""
+    return {"psnr_db": min((f["psnr_db"] for f in figures), default=PSNR_CAP_DB),
+            "max_rel_error": max((f["max_rel_error"] for f in figures), default=0.0)}
 
 
 def _gate(name: str, figures: dict, min_db: float) -> None:

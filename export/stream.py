@@ -493,7 +493,7 @@ def export_graphs(path_of: Callable[[str], Path], src: Source, dims: iospec.Dims
         log(f"exporting {graph} (streamed)")
         path = path_of(f"{graph}.onnx")
         facts = export_streamed(src, graph, io[graph], path, recipe, opset=opset, ckpt=ckpt, log=log)
-        yield graph, facts, parity(path, io[graph], feeds[graph], refs[graph])
+        yield graph, facts, parity(path, io[graph], [feeds[graph]], [refs[graph]])
 
 
 # -- the parity gate without the fp32 model ----------------------------------------------------------------------
@@ -557,14 +557,18 @@ def gate_feeds(src: Source, dims: iospec.Dims, rope: dict, sigma: float, seed: i
             {"text_kv": text_kv, "transformer": reference(src, "transformer", io["transformer"], step, chunk_bytes)})
 
 
-def parity(path: Path, io: iospec.IOSpec, feed: Feed, ref: np.ndarray) -> dict[str, float]:
-    """:func:`qwen_edge.export.onnx.fidelity` of the graph at ``path`` in ONNX Runtime (CPU) vs ``ref``."""
+def parity(path: Path, io: iospec.IOSpec, feeds: Sequence[Feed], refs: Sequence[np.ndarray],
+           reference: str = "torch fp32, a chunk of blocks at a time") -> dict:
+    """Worst :func:`qwen_edge.export.onnx.fidelity` over ``feeds`` of the graph at ``path`` in ONNX Runtime (CPU,
+    one session) vs ``refs`` (what ``reference`` computed)."""
     from qwen_edge.runtimes.onnx import open_session
 
-    from .onnx import fidelity
+    from .onnx import fidelity, worst
 
-    got = open_session(path, "cpu", name=io.component).run(io.output_names, {n: feed[n] for n in io.input_names})
-    return {**fidelity(ref, got[0]), "samples": 1, "reference": "torch fp32, a chunk of blocks at a time"}
+    sess = open_session(path, "cpu", name=io.component)
+    figures = [fidelity(ref, sess.run(io.output_names, {n: f[n] for n in io.input_names})[0])
+               for f, ref in zip(feeds, refs)]
+    return {**worst(figures), "samples": len(figures), "reference": reference}
 
 
 # -- the VAE decoder's sample inputs, from the streamed graphs -----------------------------------------------------

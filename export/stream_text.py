@@ -27,7 +27,9 @@ from qwen_edge.checkpoint import read_json
 from qwen_edge.errors import IntegrityError
 
 from .coreml_chunks import Source, load_chunk, plan, unit_params
-from .stream import CHUNK_BYTES, Feed, Log, export_streamed
+from .stream import CHUNK_BYTES, Feed, Log, export_streamed, parity
+
+REFERENCE = "torch fp32, a chunk of layers at a time"  # what the gate compares against
 
 TABLE_BLOCK_BYTES = 256 << 20  # float32 rows of the embedding table quantized at a time
 
@@ -120,20 +122,6 @@ def chunk_limit(src: Source, chunk_bytes: int) -> int:
     return max(chunk_bytes, 4 * (stem + blocks[0]), 4 * (blocks[-1] + head))
 
 
-def parity(path: Path, io: iospec.IOSpec, feeds: Sequence[Feed], refs: Sequence[np.ndarray]) -> dict:
-    """Worst :func:`qwen_edge.export.onnx.fidelity` over ``feeds`` of the graph at ``path`` in ONNX Runtime (CPU,
-    one session) vs ``refs``."""
-    from qwen_edge.runtimes.onnx import open_session
-
-    from .onnx import fidelity
-
-    sess = open_session(path, "cpu", name=io.component)
-    figures = [fidelity(ref, sess.run(io.output_names, {n: f[n] for n in io.input_names})[0])
-               for f, ref in zip(feeds, refs)]
-    return {"psnr_db": min(f["psnr_db"] for f in figures), "max_rel_error": max(f["max_rel_error"] for f in figures),
-            "samples": len(figures), "reference": "torch fp32, a chunk of layers at a time"}
-
-
 def export_text_encoder(path: Path, src: Source, io: iospec.IOSpec, feeds: Sequence[Feed], recipe: str, *,
                         opset: int = 21, log: Log | None = None) -> tuple[dict, dict]:
     """The text encoder ``src`` streamed to ``path`` in ``recipe``. Returns (its facts for the manifest, its
@@ -143,4 +131,4 @@ def export_text_encoder(path: Path, src: Source, io: iospec.IOSpec, feeds: Seque
     refs = reference(src, feeds)
     log("exporting text_encoder (streamed)")
     facts = export_streamed(src, "text_encoder", io, path, recipe, opset=opset, log=log)
-    return facts, parity(path, io, feeds, refs)
+    return facts, parity(path, io, feeds, refs, REFERENCE)

@@ -160,9 +160,14 @@ def int8(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
                                nodes_to_exclude=kept, use_external_data_format=_large(staged),
                                extra_options={"MatMulConstBOnly": True})
     if kept:
-        facts["kept_fp32"] = {"nodes": kept, "why": "the linear layers reading the graph's inputs (img_in) and "
-                                                    "writing its outputs (proj_out) cost the most per byte"}
+        facts["kept_fp32"] = kept_facts(kept)
     return facts
+
+
+def kept_facts(kept: list[str]) -> dict:
+    """The manifest's record of the boundary layers a recipe kept in fp32 (:func:`boundary_layers`)."""
+    return {"nodes": kept, "why": "the linear layers reading the graph's inputs (img_in) and writing its outputs "
+                                  "(proj_out) cost the most per byte"}
 
 
 def boundary_layers(path: Path) -> list[str]:
@@ -213,8 +218,7 @@ def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
     facts = {"weights": f"int4 symmetric, blocks of {opts.block_size} along K (MatMulNBits, GatherBlockQuantized)",
              "activations": "int8 inside MatMulNBits (accuracy_level 4)", "block_size": opts.block_size}
     if kept:  # as int8 keeps them, for the same reason (boundary_layers); at 4 bits they cost even more
-        facts["kept_fp32"] = {"nodes": kept, "why": "the linear layers reading the graph's inputs (img_in) and "
-                                                    "writing its outputs (proj_out) cost the most per byte"}
+        facts["kept_fp32"] = kept_facts(kept)
     return facts
 
 
