@@ -1,11 +1,11 @@
 """The embedded default model on every runtime and quant recipe, side by side in one run (issues 4 and 6).
 
     python benchmarks/bench_default.py [--prompts 50] [--runs 5] [--threads N] [--work DIR] [--json FILE] [--fresh]
-                                       [--recipes fp32,fp16,int8,int4,mixed,w8a16] [--text-len 32]
+                                       [--recipes fp32,fp16,int8,w8a32,int4,mixed,w8a16] [--text-len 32]
                                        [--model DIR] [--sizes-only]
 
 1. Exports the embedded default (``edge/assets/default``, 128x128, 4 steps) to a bundle per recipe with
-   ``qwen_edge.export.onnx.export_bundle``: fp32, fp16, int8, int4, mixed and w8a16 (``--target qnn``, the QNN
+   ``qwen_edge.export.onnx.export_bundle``: fp32, fp16, int8, w8a32, int4, mixed and w8a16 (``--target qnn``, the QNN
    HTP recipe; when the HTP check refuses a graph, the same w8a16 recipe is exported for ``--target onnx`` and
    the refusal is reported; a bundle that misses the exporter's parity gates is exported with them off and
    flagged, so every recipe is measured). Calibration and the gates use four training-split prompts. Bundles are
@@ -44,13 +44,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-RECIPES = ("fp32", "fp16", "int8", "int4", "mixed", "w8a16")
+RECIPES = ("fp32", "fp16", "int8", "w8a32", "int4", "mixed", "w8a16")
 PROMPT = "a large red circle above a small blue square on a black background"
 TORCH = "torch fp32 eager"
 MB = 2**20
 # Issue 4: fidelity vs torch fp32 on the same noise (dB), accuracy within (points) of fp32, speed, size, memory.
-PSNR_TARGET = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "w8a16": 28.0}
-ACCURACY_WITHIN = {"int4": 5.0, "int8": 2.0}
+# The issue defines int8 as weight-only: w8a32 is that; int8 (int8 compute) is held to the same figures.
+PSNR_TARGET = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "w8a32": 30.0, "w8a16": 28.0}
+ACCURACY_WITHIN = {"int4": 5.0, "int8": 2.0, "w8a32": 2.0}
 SIZE_TARGET = {"int8": 0.27, "int4": 0.16}
 
 

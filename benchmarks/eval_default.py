@@ -39,6 +39,15 @@ def speed(model: Path, runs: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def teacher_guidance(student: Path) -> float:
+    """The CFG scale the student was distilled with (training.json's recipe; 1 when unguided or unknown): the
+    teacher is evaluated as it was sampled for distillation."""
+    record = Path(student) / "training.json"
+    if not record.is_file():
+        return 1.0
+    return float(json.loads(record.read_text())["recipe"]["distill"].get("guidance", 1.0))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student", type=Path, default=None, help="default: the embedded default model")
@@ -52,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = args.teacher or student.parent / "teacher"
     numbers = {"generation_time": speed(student, args.speed_runs)} if args.speed_runs else {}
     if args.prompts:  # --prompts 0: speed only
-        numbers.update(measure(student, teacher, args.prompts))
+        numbers.update(measure(student, teacher, args.prompts, teacher_cfg=teacher_guidance(student)))
     json.dump(numbers, sys.stdout, indent=2)
     print()
     return 0

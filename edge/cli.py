@@ -145,7 +145,8 @@ def _export_args(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to a bundle of per-component models")
     p.add_argument("--model", help="checkpoint directory or cached Hugging Face repo id (default: the embedded model)")
     p.add_argument("--target", default="onnx", help="onnx (default), qnn or coreml")
-    p.add_argument("--quant", help="fp32 (default for onnx), fp16, int8, int4, w8a16 (default for qnn), mixed; "
+    p.add_argument("--quant", help="fp32 (default for onnx), fp16, int8 (int8 compute), w8a32 (weight-only int8), int4, "
+                   "w8a16 (default for qnn), mixed; "
                    "coreml: fp16 (default), int8, int4 (needs --ios18), palette4, palette6, palette8, mixed")
     p.add_argument("--height", type=int, help="static image height (default: the model's default size)")
     p.add_argument("--width", type=int, help="static image width (default: the model's default size)")

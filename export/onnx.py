@@ -51,10 +51,10 @@ from . import compact
 from .bundle_writer import BundleWriter
 
 TARGETS = ("onnx", "qnn")
-RECIPES = ("fp32", "fp16", "int8", "int4", "w8a16", "mixed")
+RECIPES = ("fp32", "fp16", "int8", "w8a32", "int4", "w8a16", "mixed")
 QNN_RECIPES = ("w8a16",)  # what the QNN HTP backend runs: static QDQ, 8-bit weights, 16-bit activations
 MAX_RANK = {"qnn": 5}  # a target's tensor rank limit: the QNN HTP backend refuses 2.1's rank-6 text K/V
-DYNAMIC_RECIPES = ("fp32", "fp16", "int8", "int4")  # recipes of a dynamic-size bundle (w8a16/QNN need static shapes)
+DYNAMIC_RECIPES = ("fp32", "fp16", "int8", "w8a32", "int4")  # recipes of a dynamic-size bundle (w8a16/QNN need static shapes)
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")  # what a user selects
 DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
 OPSET = 21
@@ -76,7 +76,7 @@ PAD_TOKEN = "<|endoftext|>"  # what Qwen's tokenizers pad with; the runtime pads
 # the bundle's pipeline vs the torch fp32 pipeline on the same noise (the issue's figures).
 COMPONENT_GATE_DB = {"fp32": 60.0, "fp16": 35.0}
 COMPONENT_GATE_OTHER_DB = 20.0
-IMAGE_GATE_DB = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "w8a16": 28.0, "int4": 25.0, "mixed": 30.0}
+IMAGE_GATE_DB = {"fp32": 45.0, "fp16": 40.0, "int8": 30.0, "w8a32": 30.0, "w8a16": 28.0, "int4": 25.0, "mixed": 30.0}
 CONTEXT_GATE_DB = 60.0  # a QNN context vs the same graph compiled at load: the same QNN graph, so identical
 PSNR_CAP_DB = 200.0  # identical outputs (infinite PSNR) are recorded as this, JSON has no infinity
 EXTERNAL_DATA_BYTES = 512 << 20  # weights above this go to a .data file (ONNX protobufs stop at 2 GB)

@@ -2,7 +2,7 @@
 
 The ONNX exporter writes each component in fp32 and then calls :func:`quantize`; the returned facts go
 into the bundle manifest. Recipes (see :mod:`qwen_edge.quant.recipes`) are ONNX Runtime's own tools:
-``fp16``, ``int8``, ``int4``, ``w8a16`` (the QNN NPU path) and ``mixed`` (per-layer sensitivity,
+``fp16``, ``int8``, ``w8a32`` (weight-only int8), ``int4``, ``w8a16`` (the QNN NPU path) and ``mixed`` (per-layer sensitivity,
 :mod:`qwen_edge.quant.sensitivity`). Calibration feeds come from :func:`qwen_edge.quant.calibrate.record`,
 the torch pipeline's real inputs to each component along the sampler's trajectory.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from qwen_edge.errors import InputError, IntegrityError
 
-RECIPES = ("fp16", "int8", "int4", "w8a16", "mixed")
+RECIPES = ("fp16", "int8", "w8a32", "int4", "w8a16", "mixed")
 NEEDS_CALIBRATION = ("w8a16", "mixed")
 EVAL_FEEDS = 4  # calibration feeds the returned fidelity figure is measured on
 

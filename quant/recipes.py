@@ -16,6 +16,12 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
 - ``int4``: ``MatMulNBitsQuantizer``: block-wise symmetric 4-bit weights (block 32/64/128) with int8
   activations inside ``MatMulNBits`` (accuracy level 4), embedding tables as ``GatherBlockQuantized``. The
   VAE components take the ``int8`` recipe (the issue: "VAE stays int8").
+- ``w8a32``: weight-only int8, the int8 the issue defines: ``MatMulNBitsQuantizer`` at 8 bits (blocks of
+  ``block_size`` along K, symmetric) with float32 compute (accuracy level 1: ORT dequantizes block by block
+  inside the kernel, never a whole fp32 weight), embedding tables through ``quantize_dynamic`` (a Gather's
+  table is weight-only by nature). No activation is quantized, so there is none of ``int8``'s per-tensor
+  activation error (on the embedded default: worst image 28.3 dB -> ~35 dB) and none of its integer-kernel
+  speed (``int8`` is 3.35x fp32 on a full-width block, ``w8a32`` about fp32's). VAE components take ``int8``.
 - ``w8a16``: static QDQ for the QNN HTP backend through ``onnxruntime.quantization.execution_providers.qnn``
   (``qnn_preprocess_model``, ``get_qnn_qdq_config``): per-tensor uint8 weights, uint16 activations
   calibrated on recorded sampler trajectories (:func:`qwen_edge.quant.calibrate.record`); the graph
@@ -56,7 +62,7 @@ NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 
 @dataclass(frozen=True)
 class Options:
-    """Recipe knobs. ``block_size``: int4 block length along K; ``target_psnr``: the ``mixed`` recipe's goal
+    """Recipe knobs. ``block_size``: int4 / w8a32 block length along K; ``target_psnr``: the ``mixed`` recipe's goal
     (dB, component output vs fp32 on the calibration feeds); ``reduce_range``: 7-bit int8 weights, for
     x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs ~6 dB)."""
 
@@ -222,6 +228,27 @@ def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
     return facts
 
 
+def w8a32(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
+    """Weight-only int8: 8-bit block-wise MatMul weights computed in fp32, int8 embedding tables; VAE: int8."""
+    if component in VAE_COMPONENTS:
+        return {**int8(component, src, dst, calibration, opts), "note": "VAE components take the int8 recipe"}
+    q = require("onnxruntime.quantization", "onnx")
+    model = canonical(src)
+    quantize_nbits(model, 8, opts.block_size, op_types=("MatMul",), accuracy_level=1)
+    gathers = [n.name for n in model.graph.node if n.op_type == "Gather"]
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        staged = Path(tmp) / "nbits.onnx"
+        save(model, staged if gathers else dst)
+        if gathers:  # MatMulNBits takes Gather tables at 4 bits only; quantize_dynamic's int8 table is weight-only
+            with quiet():
+                q.quantize_dynamic(str(staged), str(dst), op_types_to_quantize=["Gather"], per_channel=True,
+                                   weight_type=q.QuantType.QInt8, use_external_data_format=_large(staged))
+    return {"weights": f"int8 symmetric, blocks of {opts.block_size} along K (MatMulNBits bits=8); embedding "
+                       "tables int8 per row", "activations": "float32 (weight-only)",
+            "compute": "float32 (accuracy_level 1: weights dequantized block by block inside the kernel)",
+            "block_size": opts.block_size}
+
+
 def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
     """Static QDQ for the QNN HTP NPU: uint8 per-tensor weights, uint16 activations, calibrated."""
     if not calibration:
@@ -308,18 +335,19 @@ def canonical(src: Path):
     return wrapped.model
 
 
-def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = None, keep=()) -> None:
+def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = None, keep=(),
+                   op_types=("MatMul", "Gather"), accuracy_level: int = 4) -> None:
     """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given), except
-    the nodes named in ``keep``."""
+    the nodes named in ``keep``. ``accuracy_level`` 4: int8 activations inside the kernel; 1: float32 compute."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    op_types = ("MatMul", "Gather")
     # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
     others = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in (nodes or ())]
     exclude = [*keep] + ([] if nodes is None else others)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_exclude=exclude, op_types_to_quantize=op_types,
-                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=exclude,
+                                     op_types_to_quantize=tuple(op_types),
+                                     quant_axes=tuple((op, {"MatMul": 0, "Gather": 1}[op]) for op in op_types))
     with quiet():
         quantizer.process()
 

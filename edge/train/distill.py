@@ -4,8 +4,10 @@ The teacher integrates 40 Euler steps on ``linspace(1, 1/40, 40)``; the student'
 (:data:`STUDENT_SIGMAS`) is a subset of it, so every teacher trajectory gives, for each student step i, the
 state ``x(s_i)`` and where the teacher lands ``x(s_{i+1})``. The student (initialised from the teacher) is
 trained so that ONE Euler step with its velocity makes the same jump:
-``v*(x(s_i), s_i) = (x(s_{i+1}) - x(s_i)) / (s_{i+1} - s_i)``. No CFG anywhere (the student runs without it,
-as Qwen's distilled models do). The text encoder is shared and frozen: only the transformer changes.
+``v*(x(s_i), s_i) = (x(s_{i+1}) - x(s_i)) / (s_{i+1} - s_i)``. With ``guidance`` > 1 the teacher's trajectories
+are sampled with true CFG against the blank prompt (a teacher trained with ``FlowRecipe.cfg_dropout``), so the
+guidance is distilled into the student, which runs without CFG as Qwen's distilled models do. The text encoder is
+shared and frozen: only the transformer changes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class DistillRecipe:
     steps: int = 300
     batch: int = 32
     lr: float = 3e-4
+    guidance: float = 1.0  # true-CFG scale of the teacher's trajectories (1: unguided)
 
 
 def teacher_grid(steps: int = TEACHER_STEPS) -> np.ndarray:
@@ -59,11 +62,19 @@ def trajectories(te: TextEncoder, tr: TransformerV2, prompts: PromptIds, r: Dist
         text = condition(te, ids, prompts.drop)  # (B, L', D)
         cos, sin = tr.rope(text.shape[1], LATENT_GRID, LATENT_GRID)
         kv = tr.encode_text(text, cos, sin)
+        if r.guidance > 1:
+            blank = condition(te, prompts.blank, prompts.drop).expand(r.batch, -1, -1)  # (B, L0', D)
+            ucos, usin = tr.rope(blank.shape[1], LATENT_GRID, LATENT_GRID)
+            ukv = tr.encode_text(blank, ucos, usin)
         x = torch.randn((r.batch, LATENT_GRID**2, z_dim), generator=gen)  # (B, N, C) at sigma 1
         states = [x]
         for k in range(TEACHER_STEPS):
             sigma = torch.full((r.batch,), float(grid[k]))
-            x = x + float(grid[k + 1] - grid[k]) * tr.forward_cached(x, kv, sigma, cos, sin)
+            v = tr.forward_cached(x, kv, sigma, cos, sin)
+            if r.guidance > 1:
+                vn = tr.forward_cached(x, ukv, sigma, ucos, usin)
+                v = vn + r.guidance * (v - vn)  # the pipelines' true CFG (2.1: no rescale)
+            x = x + float(grid[k + 1] - grid[k]) * v
             if k + 1 in keep:
                 states.append(x)
         out.append((text, torch.stack(states)))  # (5, B, N, C)

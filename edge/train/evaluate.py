@@ -26,21 +26,25 @@ def heldout_images(texts: list[str], seed: int = 0) -> np.ndarray:
     return np.stack([render(scene_from_prompt(t, rng)) for t in texts])
 
 
-def generate(model: str | Path, texts: list[str], steps: int | None, desc: str = "generate") -> list[np.ndarray]:
+def generate(model: str | Path, texts: list[str], steps: int | None, desc: str = "generate",
+             cfg: float = 1.0) -> list[np.ndarray]:
     """128x128 images for ``texts`` (seed = index) through the pipeline; ``steps=None``: the checkpoint's
-    own grid (``sample_sigmas``)."""
+    own grid (``sample_sigmas``); ``cfg`` > 1: true CFG against the blank prompt (``flow.BLANK``)."""
+    from .flow import BLANK
     from ..pipeline import Pipeline, Request
 
     pipe = Pipeline.from_pretrained(model)
     sigmas = pipe.spec.sample_sigmas if steps is None else None
     images = []
     for i, text in enumerate(tqdm(texts, desc=desc, unit="img")):
-        req = Request(prompt=text, height=128, width=128, steps=steps or len(sigmas), sigmas=sigmas, seed=i)
+        req = Request(prompt=text, height=128, width=128, steps=steps or len(sigmas), sigmas=sigmas, seed=i,
+                      negative_prompt=BLANK if cfg > 1 else None, cfg_scale=cfg)
         *_, last = pipe.generate(req)
         images.append(last.image)
     return images
 
 
-def fidelity(model: str | Path, texts: list[str], steps: int | None, desc: str = "generate") -> dict:
+def fidelity(model: str | Path, texts: list[str], steps: int | None, desc: str = "generate",
+             cfg: float = 1.0) -> dict:
     """Per-attribute and whole-prompt accuracy (``"ok"``) of ``model`` over ``texts``."""
-    return evaluate_many(generate(model, texts, steps, desc), texts)
+    return evaluate_many(generate(model, texts, steps, desc, cfg), texts)

@@ -24,6 +24,7 @@ from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..transformer_v2 import TransformerV2, TransformerV2Config
 
 LATENT_GRID = 8  # 128 px / 16
+BLANK = " "  # the unconditional prompt: the pipelines' default negative prompt
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class FlowRecipe:
     batch: int = 32  # small batches, many steps: what a CPU budget buys the most learning with
     lr: float = 2e-3
     ema: float = 0.998
+    # Classifier-free guidance: the share of batches trained on the blank prompt (the pipelines' negative " "), so
+    # the teacher can sample with true CFG and the student can be distilled from guided trajectories. 0: none.
+    cfg_dropout: float = 0.0
+    # SD3's shift of the training sigmas, s -> k s / (1 + (k - 1) s): k > 1 trains more at high noise, where this
+    # model decides shapes and counts (benchmarks/diagnose_default.py --trajectory). 1: none.
+    sigma_shift: float = 1.0
 
 
 def text_encoder_config(vocab_size: int, r: FlowRecipe) -> TextEncoderConfig:
@@ -62,6 +69,7 @@ class PromptIds:
     def __init__(self, tokenizer, template: PromptTemplate, captions: list[str]):
         self.drop = template.drop
         ids = [tokenizer.encode(template.render(c)).ids for c in captions]
+        self.blank = torch.tensor([tokenizer.encode(template.render(BLANK)).ids], dtype=torch.int64)  # (1, L0)
         self.groups: dict[int, list[int]] = {}
         for i, seq in enumerate(ids):
             self.groups.setdefault(len(seq), []).append(i)
@@ -96,11 +104,13 @@ def velocity(tr: TransformerV2, x: torch.Tensor, text: torch.Tensor, sigma: torc
     return tr(x, text, sigma, cos, sin)  # (B, N, C)
 
 
-def sample_sigma(rng: torch.Generator, n: int) -> torch.Tensor:
-    """Training sigmas: logit-normal (mass in the middle, where the layout is decided) mixed with uniform."""
+def sample_sigma(rng: torch.Generator, n: int, shift: float = 1.0) -> torch.Tensor:
+    """Training sigmas: logit-normal (mass in the middle, where the layout is decided) mixed with uniform, then
+    shifted by ``shift`` toward high noise (1: unchanged)."""
     logit = torch.sigmoid(torch.randn(n, generator=rng))
     uniform = torch.rand(n, generator=rng)
-    return torch.where(torch.rand(n, generator=rng) < 0.3, uniform, logit).clamp(1e-3, 1.0)
+    s = torch.where(torch.rand(n, generator=rng) < 0.3, uniform, logit)
+    return (shift * s / (1 + (shift - 1) * s)).clamp(1e-3, 1.0)
 
 
 def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_size: int,
@@ -118,8 +128,10 @@ def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_s
     bar = tqdm(range(r.steps), desc="teacher", unit="step")
     for step in bar:
         idx, ids = prompts.batch(rng, r.batch)
+        if r.cfg_dropout and rng.random() < r.cfg_dropout:  # a whole batch on the blank prompt: no padding needed
+            ids = prompts.blank.expand(r.batch, -1)
         x0 = pack(latents[torch.from_numpy(idx)])  # (B, N, C)
-        loss = flow_loss(te, tr, x0, ids, prompts.drop, gen)
+        loss = flow_loss(te, tr, x0, ids, prompts.drop, gen, r.sigma_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -132,9 +144,9 @@ def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_s
 
 
 def flow_loss(te: TextEncoder, tr: TransformerV2, x0: torch.Tensor, ids: torch.Tensor, drop: int,
-              gen: torch.Generator) -> torch.Tensor:
+              gen: torch.Generator, shift: float = 1.0) -> torch.Tensor:
     """Mean squared error of the predicted velocity at random sigmas."""
-    sigma = sample_sigma(gen, x0.shape[0])  # (B,)
+    sigma = sample_sigma(gen, x0.shape[0], shift)  # (B,)
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma[:, None, None]
     xt = (1 - s) * x0 + s * noise  # (B, N, C)

@@ -81,7 +81,8 @@ def train_default(assets: Path, recipe: Recipe = Recipe(), threads: int = 2) -> 
                                         card=""),
         }
         with clock("eval"):
-            numbers = measure(staged["default"], staged["teacher"], recipe.eval_prompts, vae=(enc, dec))
+            numbers = measure(staged["default"], staged["teacher"], recipe.eval_prompts, vae=(enc, dec),
+                              teacher_cfg=recipe.distill.guidance)
         facts["timings"] = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
         for name, folder in staged.items():
             sigmas_note = f" ({list(STUDENT_SIGMAS)}, from model_index.json)" if name == "default" else \
@@ -93,20 +94,23 @@ def train_default(assets: Path, recipe: Recipe = Recipe(), threads: int = 2) -> 
     return numbers
 
 
-def measure(student: Path, teacher: Path, n_prompts: int = 200, vae=None) -> dict:
+def measure(student: Path, teacher: Path, n_prompts: int = 200, vae=None, teacher_cfg: float = 1.0) -> dict:
     """The issue's numbers: VAE PSNR; teacher at 40 and 4 steps, student at its 4 sigmas (whole-prompt and
-    per-attribute accuracy) over ``n_prompts`` held-out prompts."""
+    per-attribute accuracy) over ``n_prompts`` held-out prompts. ``teacher_cfg`` > 1: the teacher samples with
+    true CFG at that scale (the guidance its trajectories were distilled with); the student never does."""
     texts = heldout_prompts(n_prompts)
     if vae is None:
         from ..vae_v2 import load_vae_v2
 
         vae = load_vae_v2(Path(student) / "vae")
+    guided = f", CFG {teacher_cfg:g}" if teacher_cfg > 1 else ""
     acc = {
-        f"teacher, {TEACHER_STEPS} steps": fidelity(teacher, texts, TEACHER_STEPS, "teacher 40"),
+        f"teacher, {TEACHER_STEPS} steps{guided}": fidelity(teacher, texts, TEACHER_STEPS, "teacher 40", teacher_cfg),
         "student, 4 steps": fidelity(student, texts, None, "student 4"),
-        "teacher, 4 steps (undistilled)": fidelity(teacher, texts, len(STUDENT_SIGMAS), "teacher 4"),
+        f"teacher, 4 steps (undistilled){guided}": fidelity(teacher, texts, len(STUDENT_SIGMAS), "teacher 4",
+                                                            teacher_cfg),
     }
-    teacher_ok = acc[f"teacher, {TEACHER_STEPS} steps"]["ok"]
+    teacher_ok = acc[f"teacher, {TEACHER_STEPS} steps{guided}"]["ok"]
     return {"n_prompts": len(texts), "vae_psnr": vae_psnr(*vae, heldout_images(texts)), "fidelity": acc,
             "student_ratio": acc["student, 4 steps"]["ok"] / teacher_ok if teacher_ok else float("nan")}
 

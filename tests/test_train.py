@@ -1,0 +1,54 @@
+"""The training recipe's guidance and sigma-shift options (issue 3): the unconditional input training uses is the
+pipeline's negative prompt, the shift is SD3's map of the same draws, and guided trajectories reduce to unguided
+ones when the prompt is the blank prompt itself (cond == uncond)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qwen_edge.pipeline import Pipeline
+from qwen_edge.prompt import load_tokenizer, tokenize
+from qwen_edge.spec import ModelSpec, default_model
+from qwen_edge.text_encoder import TextEncoder
+from qwen_edge.train.distill import DistillRecipe, trajectories
+from qwen_edge.train.flow import BLANK, FlowRecipe, PromptIds, sample_sigma, text_encoder_config, transformer_config
+from qwen_edge.transformer_v2 import TransformerV2
+
+
+def _prompt_ids(captions):
+    spec = ModelSpec.from_checkpoint(default_model())
+    tok = load_tokenizer(spec.tokenizer_dir)
+    return spec, tok, PromptIds(tok, spec.template, captions)
+
+
+def test_blank_is_the_pipelines_negative_prompt():
+    spec, tok, ids = _prompt_ids(["a red circle"])
+    negative, drop, _ = tokenize(tok, spec.template, BLANK)  # what Pipeline.encode(" ", negative=True) feeds
+    assert ids.blank.tolist() == negative.tolist() and ids.drop == drop
+    assert Pipeline.encode.__doc__ and "\" \"" in Pipeline.encode.__doc__  # the pipelines' default negative
+
+
+def test_sigma_shift_maps_the_same_draws_toward_high_noise():
+    plain = sample_sigma(torch.Generator().manual_seed(0), 4096)
+    shifted = sample_sigma(torch.Generator().manual_seed(0), 4096, shift=3.0)
+    keep = plain > 1e-2  # the clamp at 1e-3 acts before the shift in one, after it in the other
+    torch.testing.assert_close(shifted[keep], 3 * plain[keep] / (1 + 2 * plain[keep]))
+    assert float((shifted > 0.8).float().mean()) > 2 * float((plain > 0.8).float().mean())
+
+
+def test_guided_trajectories_reduce_to_unguided_when_cond_is_uncond():
+    _, tok, ids = _prompt_ids([BLANK] * 4)  # every caption is the blank prompt: cond == uncond
+    torch.manual_seed(0)
+    r = FlowRecipe(heads=2, head_dim=16, layers=1, text_hidden=32, text_layers=1)
+    te = TextEncoder(text_encoder_config(tok.get_vocab_size(), r)).eval()
+    tr = TransformerV2(transformer_config(4, r)).eval()
+    base = DistillRecipe(trajectories=4, batch=4)
+    plain = trajectories(te, tr, ids, base, 4, seed=0)
+    guided = trajectories(te, tr, ids, DistillRecipe(trajectories=4, batch=4, guidance=3.0), 4, seed=0)
+    torch.testing.assert_close(guided[0][1], plain[0][1], rtol=1e-4, atol=1e-5)
+    # and with a real prompt guidance changes where the teacher lands
+    _, _, real = _prompt_ids(["a red circle above a blue square"] * 4)
+    a = trajectories(te, tr, real, base, 4, seed=0)[0][1][-1]
+    b = trajectories(te, tr, real, DistillRecipe(trajectories=4, batch=4, guidance=3.0), 4, seed=0)[0][1][-1]
+    assert not np.allclose(a.numpy(), b.numpy(), atol=1e-3)
