@@ -10,9 +10,12 @@ def model_card(name: str, numbers: dict, facts: dict) -> str:
     rows = "\n".join(
         f"| {label} | {r['ok']:.1%} | " + " | ".join(f"{r[a]:.1%}" for a in _ATTRS) + " |"
         for label, r in acc.items())
-    role = ("the **student**: the teacher distilled from 40 steps to 4 (trajectory matching); it is "
-            "qwen-edge's embedded default model" if name == "default" else
-            "the **teacher**: trained by flow matching, sampled with 40 Euler steps")
+    cfg = facts.get("guidance", 1.0)
+    guided = f" with true CFG {cfg:g} against the blank prompt" if cfg > 1 else ""
+    role = (f"the **student**: the teacher (sampled{guided or ' without guidance'}) distilled from 40 steps to 4 "
+            "(trajectory matching); it runs without CFG and is qwen-edge's embedded default model"
+            if name == "default" else
+            f"the **teacher**: trained by flow matching, sampled with 40 Euler steps{guided}")
     return f"""# qwen-edge tiny Qwen-Image 2.1 — {name}
 
 A tiny Qwen-Image 2.1 model trained from scratch on qwen-edge's procedural world (`qwen_edge.world`:

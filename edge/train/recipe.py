@@ -131,7 +131,7 @@ def _facts(recipe: Recipe, threads: int, te, tr, dec) -> dict:
         return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params"
 
     t, c = tr.config, te.config
-    return {"seed": recipe.seed, "threads": threads,
+    return {"seed": recipe.seed, "threads": threads, "guidance": recipe.distill.guidance,
             "transformer": f"({t.num_layers} blocks, {t.num_heads} heads x {t.head_dim}, {n(tr)})",
             "vae": f"(z {dec.config.z_dim}, 16x, encoder base {dec.config.base_dim}, decoder base "
                    f"{dec.config.decoder_base_dim}, decoder {n(dec)})",
