@@ -341,7 +341,14 @@ def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = 
                    op_types=("MatMul", "Gather"), accuracy_level: int = 4) -> None:
     """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given), except
     the nodes named in ``keep``. ``accuracy_level`` 4: int8 activations inside the kernel; 1: float32 compute."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # Importing it calls logging.basicConfig(level=INFO): undone, or every later INFO record of the process (onnx_ir's
+    # passes during the export, hundreds of lines) would reach the user's terminal.
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
     # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
     others = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in (nodes or ())]

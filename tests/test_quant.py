@@ -245,6 +245,28 @@ def test_w8a32_is_weight_only_int8(v1):
     assert "QLinearConv" in vae["convolutions"] and "int8 recipe" in vae["note"]
 
 
+def test_nbits_quantizer_leaves_the_root_logger_alone():
+    """ORT's MatMulNBitsQuantizer module calls logging.basicConfig(level=INFO) when imported; after it an int4 export
+    printed ~580 INFO lines of onnx_ir's passes. In a fresh process the root logger must be as it was."""
+    import subprocess
+    import sys
+
+    code = ("import logging, numpy as np, onnx\n"
+            "from onnx import helper, numpy_helper, TensorProto\n"
+            "from qwen_edge.quant.recipes import quantize_nbits\n"
+            "w = numpy_helper.from_array(np.ones((64, 8), np.float32), 'w')\n"
+            "g = helper.make_graph([helper.make_node('MatMul', ['x', 'w'], ['y'], name='mm')], 'g',\n"
+            "    [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 64])],\n"
+            "    [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 8])], [w])\n"
+            "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 21)])\n"
+            "quantize_nbits(m, 4, 32)\n"
+            "assert any(n.op_type == 'MatMulNBits' for n in m.graph.node)\n"
+            "root = logging.getLogger()\n"
+            "print(len(root.handlers), root.level)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", str(30)], (out.stdout, out.stderr[-500:])
+
+
 def test_size_ratios_on_a_weight_dominated_model(wide, tmp_path):
     fp16 = quantize("transformer", wide.path, tmp_path / "fp16.onnx", "fp16")
     int8 = quantize("transformer", wide.path, tmp_path / "int8.onnx", "int8")
