@@ -10,8 +10,8 @@
    as a fraction of its norm, at each student sigma. Near 0 means the conditioning path is ignored.
 3. Where along the trajectory the prompt is lost (``--trajectory``): each held-out scene's own latent, noised to
    sigma s (``(1 - s) z + s noise``), is sampled from s down the model's schedule (SDEdit) and judged. At s = 1
-   this is plain generation; the sigma where accuracy falls is where the model fails to decide the image. The
-   shipped teacher, 96 prompts: 85% whole-prompt from 0.1, 80% from 0.3, 69% from 0.5, 47% from 0.7, 16% from
+   this is plain generation; the sigma where accuracy falls is where the model fails to decide the image. Session
+   4's teacher (no CFG), 96 prompts: 85% whole-prompt from 0.1, 80% from 0.3, 69% from 0.5, 47% from 0.7, 16% from
    0.9, 8% from 1.0 (shapes 86 -> 23%); the student 84 / 69 / 38 / 6% from 0.25 / 0.5 / 0.75 / 1.0. So what the
    high-noise steps decide (which shape, how many objects) is the weak part, not the detail the last steps add.
 

@@ -31,14 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, help="override the transformer's attention heads (width = heads x 32; the "
                    "recipe's default is 3)")
     p.add_argument("--cfg-dropout", type=float, help="share of teacher batches on the blank prompt (CFG training; "
-                   "default 0)")
+                   "default 0.1)")
     p.add_argument("--sigma-shift", type=float, help="shift the teacher's training sigmas toward high noise "
-                   "(SD3's k; default 1)")
+                   "(SD3's k; default 3)")
     p.add_argument("--guidance", type=float, help="true-CFG scale of the teacher trajectories the student is "
-                   "distilled from, and of the teacher's evaluation (needs --cfg-dropout; default 1)")
+                   "distilled from, and of the teacher's evaluation (1: unguided; default 3)")
     args = p.parse_args(argv)
-    if args.guidance and args.guidance > 1 and not args.cfg_dropout:
-        p.error("--guidance > 1 needs a teacher trained with --cfg-dropout")
     recipe = Recipe.smoke() if args.smoke else Recipe()
     if args.teacher_steps:
         recipe = replace(recipe, flow=replace(recipe.flow, steps=args.teacher_steps))
@@ -50,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(recipe, flow=replace(recipe.flow, sigma_shift=args.sigma_shift))
     if args.guidance is not None:
         recipe = replace(recipe, distill=replace(recipe.distill, guidance=args.guidance))
+    if recipe.distill.guidance > 1 and not recipe.flow.cfg_dropout:
+        p.error("--guidance > 1 needs a teacher trained with --cfg-dropout > 0")
     numbers = train_default(args.out, Recipe(**{**recipe.__dict__, "seed": args.seed}), threads=args.threads)
     json.dump(numbers, sys.stdout, indent=2)
     print()

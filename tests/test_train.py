@@ -43,7 +43,7 @@ def test_guided_trajectories_reduce_to_unguided_when_cond_is_uncond():
     r = FlowRecipe(heads=2, head_dim=16, layers=1, text_hidden=32, text_layers=1)
     te = TextEncoder(text_encoder_config(tok.get_vocab_size(), r)).eval()
     tr = TransformerV2(transformer_config(4, r)).eval()
-    base = DistillRecipe(trajectories=4, batch=4)
+    base = DistillRecipe(trajectories=4, batch=4, guidance=1.0)
     plain = trajectories(te, tr, ids, base, 4, seed=0)
     guided = trajectories(te, tr, ids, DistillRecipe(trajectories=4, batch=4, guidance=3.0), 4, seed=0)
     torch.testing.assert_close(guided[0][1], plain[0][1], rtol=1e-4, atol=1e-5)

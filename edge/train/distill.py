@@ -37,7 +37,7 @@ class DistillRecipe:
     steps: int = 300
     batch: int = 32
     lr: float = 3e-4
-    guidance: float = 1.0  # true-CFG scale of the teacher's trajectories (1: unguided)
+    guidance: float = 3.0  # true-CFG scale of the teacher's trajectories (1: unguided; needs FlowRecipe.cfg_dropout)
 
 
 def teacher_grid(steps: int = TEACHER_STEPS) -> np.ndarray:
