@@ -84,14 +84,14 @@ def trajectory(model: Path, n: int) -> dict[float, dict]:
     steps = len(spec.sample_sigmas) if spec.sample_sigmas else 40
     sigmas = pipe.sigmas(Request(texts[0], 128, 128, steps=steps), 64)  # the model's own grid, ending at 0
     starts = sorted({int(np.argmin(np.abs(sigmas[:-1] - s))) for s in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)})
+    denoisers = [pipe._bind(pipe.encode(text), (8, 8)) for text in texts]  # each prompt encoded once, for all starts
     out = {}
     for k in tqdm(starts, desc="trajectory", unit="start", file=sys.stderr):
         images = []
-        for i, text in enumerate(texts):
+        for i, denoise in enumerate(denoisers):
             x0 = lat.pack(fam.name, z[i: i + 1])  # (1, N, C)
             noise = np.random.default_rng(i).standard_normal(x0.shape).astype(np.float32)
             x = (1 - sigmas[k]) * x0 + sigmas[k] * noise
-            denoise = pipe._bind(pipe.encode(text), (8, 8))
             for st in sample(denoise, x, sigmas[k:]):
                 x = st.latents
             images.append(to_uint8(pipe.components.decode(lat.unpack(fam.name, x, 8, 8))))

@@ -76,11 +76,10 @@ def _convert(ort, src, dst, level) -> None:
 
 def _config(writer: BundleWriter, rels: list[str]) -> None:
     """``required_operators.config`` of the ORT models, naming them by their bundle paths."""
-    root = logging.getLogger()
-    handlers = root.handlers[:]
-    from onnxruntime.tools.ort_format_model import create_config_from_models
+    from qwen_edge.quant.recipes import root_logger_kept
 
-    root.handlers[:] = handlers  # importing it calls logging.basicConfig: undo that side effect
+    with root_logger_kept():
+        from onnxruntime.tools.ort_format_model import create_config_from_models
     logger = logging.getLogger("ort_format_model.utils")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs "Created config in ..." at INFO

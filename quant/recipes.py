@@ -341,14 +341,8 @@ def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = 
                    op_types=("MatMul", "Gather"), accuracy_level: int = 4) -> None:
     """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given), except
     the nodes named in ``keep``. ``accuracy_level`` 4: int8 activations inside the kernel; 1: float32 compute."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    # Importing it calls logging.basicConfig(level=INFO): undone, or every later INFO record of the process (onnx_ir's
-    # passes during the export, hundreds of lines) would reach the user's terminal.
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    with root_logger_kept():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
     others = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in (nodes or ())]
@@ -359,6 +353,20 @@ def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = 
                                      quant_axes=tuple((op, {"MatMul": 0, "Gather": 1}[op]) for op in op_types))
     with quiet():
         quantizer.process()
+
+
+@contextlib.contextmanager
+def root_logger_kept():
+    """Undo what the body does to the root logger. ORT modules call ``logging.basicConfig(level=INFO)`` when first
+    imported (``quantization.matmul_nbits_quantizer``, ``tools.ort_format_model``); left alone, every later INFO
+    record of the process (onnx_ir's passes during an export: hundreds of lines) reaches the user's terminal."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 @contextlib.contextmanager
