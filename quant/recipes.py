@@ -20,7 +20,7 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
   ``block_size`` along K, symmetric) with float32 compute (accuracy level 1: ORT dequantizes block by block
   inside the kernel, never a whole fp32 weight), embedding tables through ``quantize_dynamic`` (a Gather's
   table is weight-only by nature). No activation is quantized, so there is none of ``int8``'s per-tensor
-  activation error (on the embedded default: worst image 28.3 -> 32.6 dB) and none of its integer-kernel speed:
+  activation error (embedded default's worst image: 27.1 -> 32.0 dB) and none of its integer-kernel speed:
   ORT 1.32's 8-bit ``MatMulNBits`` in fp32 is *slower* than fp32 MatMul on this CPU (a full-width v1 block at 1
   thread: 3.30 s/step vs fp32 0.93 and int8 0.26, ``benchmarks/bench_int8_block.py --recipes int8,w8a32``).
   It is the fidelity recipe for 4x smaller weights; ``int8`` is the speed one. VAE components take ``int8``.
