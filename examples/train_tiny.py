@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance is not None:
         recipe = replace(recipe, distill=replace(recipe.distill, guidance=args.guidance))
     if recipe.distill.guidance > 1 and not recipe.flow.cfg_dropout:
-        p.error("--guidance > 1 needs a teacher trained with --cfg-dropout > 0")
+        print("train_tiny: error: --guidance > 1 needs a teacher trained with --cfg-dropout > 0", file=sys.stderr)
+        return 2
     numbers = train_default(args.out, Recipe(**{**recipe.__dict__, "seed": args.seed}), threads=args.threads)
     json.dump(numbers, sys.stdout, indent=2)
     print()
