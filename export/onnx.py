@@ -65,6 +65,10 @@ SAMPLE_PROMPT = "a red circle above a blue square on a white background"
 # black or gray backgrounds it then fell to 21.5 dB (`qwen-edge verify`). So: a few prompts that differ in what
 # sets activation ranges (canvas, colours, content), none of them verify's held-out ones.
 CALIBRATION_PROMPTS = 4  # the embedded default: train-split captions covering every background and colour
+# --target qnn calibrates every activation of every graph statically (w8a16), not just the VAE's convolutions:
+# on the embedded default, 4 prompts left a held-out black-background prompt clipping in the transformer (worst
+# of 50 held-out images 19.6 dB vs torch), 12 do not (30.9 dB; `benchmarks/bench_default.py`, session 6).
+QNN_CALIBRATION_PROMPTS = 12
 GENERIC_CALIBRATION_PROMPTS = (  # other checkpoints: a bright, a dark and a text-rendering scene
     "a green triangle and a yellow circle on black",
     "an old man in a yellow coat, daylight",
@@ -191,11 +195,12 @@ def _load_encoder(spec: ModelSpec) -> nn.Module:
 # -- the sample run's prompts ------------------------------------------------------------------------------------
 
 
-def default_prompts(spec: ModelSpec) -> tuple[str, ...]:
-    """The sample run's prompts when the caller gives none: for the embedded default :func:`world_prompts`,
-    for any other checkpoint :data:`GENERIC_CALIBRATION_PROMPTS`."""
+def default_prompts(spec: ModelSpec, target: str = "onnx") -> tuple[str, ...]:
+    """The sample run's prompts when the caller gives none: for the embedded default :func:`world_prompts`
+    (:data:`QNN_CALIBRATION_PROMPTS` of them for ``target`` qnn, else :data:`CALIBRATION_PROMPTS`), for any
+    other checkpoint :data:`GENERIC_CALIBRATION_PROMPTS`."""
     if Path(spec.root).resolve() == default_model().resolve():
-        return world_prompts(CALIBRATION_PROMPTS)
+        return world_prompts(QNN_CALIBRATION_PROMPTS if target == "qnn" else CALIBRATION_PROMPTS)
     return GENERIC_CALIBRATION_PROMPTS
 
 
@@ -507,7 +512,7 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     if precompute_modulation and (spec.family.name != "qwen-image-2.1" or "transformer" not in components):
         raise UsageError("--precompute-modulation applies to a 2.1 transformer (its modulation depends on sigma "
                          "alone); export the transformer of a qwen-image-2.1 checkpoint")
-    prompts = tuple(prompts) if prompts is not None else default_prompts(spec)
+    prompts = tuple(prompts) if prompts is not None else default_prompts(spec, target)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UsageError("the sample run needs at least one prompt, and no empty ones")
     dims = iospec.dims_from_checkpoint(spec, height or spec.default_size, width or spec.default_size, text_len)

@@ -25,7 +25,8 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
   thread: 3.30 s/step vs fp32 0.93 and int8 0.26, ``benchmarks/bench_int8_block.py --recipes int8,w8a32``).
   It is the fidelity recipe for 4x smaller weights; ``int8`` is the speed one. VAE components take ``int8``.
 - ``w8a16``: static QDQ for the QNN HTP backend through ``onnxruntime.quantization.execution_providers.qnn``
-  (``qnn_preprocess_model``, ``get_qnn_qdq_config``): per-tensor uint8 weights, uint16 activations
+  (``qnn_preprocess_model``, ``get_qnn_qdq_config``): uint8 weights (per output channel in linear layers,
+  which become 1x1 Convs because HTP takes MatMul weights per tensor only; per tensor elsewhere), uint16 activations
   calibrated on recorded sampler trajectories (:func:`qwen_edge.quant.calibrate.record`); the graph
   fusions and mask ranges the HTP backend needs are in :mod:`qwen_edge.export.qnn`.
 - ``mixed`` lives in :mod:`qwen_edge.quant.sensitivity`.
@@ -57,6 +58,7 @@ FP16_KEEP_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLaye
                  "ReduceSumSquare", "LpNormalization", "Pow", "Sqrt", "Reciprocal", "Softmax", "Exp", "Sin", "Cos")
 # w8a16: calibrated activation ranges are widened this many times (see widened_ranges).
 ACTIVATION_MARGIN = 4.0
+_FLOAT32_RANGE = (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))  # a mask's lowest x 4 stays finite
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto data types
 NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
             "GroupNormalization", "InstanceNormalization", "ReduceMean", "ReduceL2", "LpNormalization")
@@ -259,7 +261,7 @@ def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
     q = require("onnxruntime.quantization", "qnn")
     qnn = require("onnxruntime.quantization.execution_providers.qnn", "qnn")
     check_static(src)
-    from qwen_edge.export.qnn import MASK_MARGIN, fuse_for_htp, masked_softmax_ranges
+    from qwen_edge.export.qnn import MASK_MARGIN, fuse_for_htp, linears_as_convs, masked_softmax_ranges
 
     from .calibrate import reader
 
@@ -270,18 +272,22 @@ def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
         # when there is nothing to change.
         staged = pre if qnn.qnn_preprocess_model(str(src), str(pre), save_as_external_data=large) else src
         model = onnx.load(str(staged))
-        if fuse_for_htp(model):
+        fused = fuse_for_htp(model)
+        convs = linears_as_convs(model)  # per-channel weights: HTP quantizes MatMul weights per tensor only
+        if fused or convs:
             staged = Path(tmp) / "fused.onnx"
             save(model, staged)
         masked = masked_softmax_ranges(staged, calibration, Path(tmp)) or {}
-        overrides = {**widened_ranges(staged, calibration, Path(tmp), q), **masked}
+        per_channel = {w: [{"axis": 0}] for w in convs}  # ORT's per-channel weights: symmetric, output axis
+        overrides = {**widened_ranges(staged, calibration, Path(tmp), q), **masked, **per_channel}
         cfg = qnn.get_qnn_qdq_config(str(staged), reader(calibration), activation_type=q.QuantType.QUInt16,
                                      weight_type=q.QuantType.QUInt8, per_channel=False, init_overrides=overrides)
         _fixed_params_win(cfg.extra_options.get("TensorQuantOverrides", {}))
         cfg.use_external_data_format = large
         with np.errstate(over="ignore"):  # a float32-lowest mask saturating to the clamped range divides to inf
             q.quantize(str(staged), str(dst), cfg)
-    return {"weights": "uint8 per-tensor (QDQ)", "activations": "uint16 per-tensor (QDQ), calibrated",
+    return {"weights": "uint8 (QDQ): per output channel in linear layers (as 1x1 Conv), per tensor elsewhere",
+            "linear_layers_as_conv": len(convs), "activations": "uint16 per-tensor (QDQ), calibrated",
             "calibration_feeds": len(calibration), "target": "QNN HTP (Qualcomm w8a16)",
             "masked_softmax_inputs": len(masked), "activation_range_margin": ACTIVATION_MARGIN,
             "softmax_mask_margin": MASK_MARGIN}
@@ -306,8 +312,8 @@ def widened_ranges(model: Path, calibration, tmp: Path, q) -> dict:
     for name, data in calibrator.compute_data().data.items():
         lo, hi = (float(np.squeeze(v)) for v in data.range_value)
         if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
-            out[name] = [{"rmin": np.array(min(lo, 0.0) * ACTIVATION_MARGIN, np.float32),
-                          "rmax": np.array(max(hi, 0.0) * ACTIVATION_MARGIN, np.float32)}]
+            wide = np.clip([min(lo, 0.0) * ACTIVATION_MARGIN, max(hi, 0.0) * ACTIVATION_MARGIN], *_FLOAT32_RANGE)
+            out[name] = [{"rmin": np.array(wide[0], np.float32), "rmax": np.array(wide[1], np.float32)}]
     return out
 
 

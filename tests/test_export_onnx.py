@@ -278,6 +278,9 @@ def test_default_prompts_cover_the_world_without_heldout_captions(tiny21):
     specs = [parse_prompt(p) for p in prompts]
     assert {s.background or "white" for s in specs} == {"white", "black", "gray"}
     assert len({o.color for s in specs for o in s.objects}) >= 4
+    qnn = export_onnx.default_prompts(ModelSpec.from_checkpoint(default_model()), "qnn")  # w8a16: every range
+    assert len(qnn) == export_onnx.QNN_CALIBRATION_PROMPTS > len(prompts) and qnn[:len(prompts)] == prompts
+    assert all(split_of(p) == "train" for p in qnn)
     generic = export_onnx.default_prompts(ModelSpec.from_checkpoint(tiny21))
     assert generic == export_onnx.GENERIC_CALIBRATION_PROMPTS and not set(generic) & set(GENERIC_PROMPTS)
 

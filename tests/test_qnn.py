@@ -75,6 +75,34 @@ def test_precompiled_context_model(v1, transformer_w8a16):
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
 
 
+def test_linear_layers_become_per_channel_convs(v1, transformer_w8a16):
+    """HTP quantizes MatMul weights per tensor only: w8a16 rewrites each linear layer as a 1x1 Conv (the same
+    function, checked on ONNX Runtime's CPU in float32) whose weights are then quantized per output channel."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(v1.paths["transformer"]))
+    linear = sum(n.op_type == "MatMul" and n.input[1] in {t.name for t in model.graph.initializer}
+                 for n in model.graph.node)
+    weights = qnn.linears_as_convs(model)
+    assert linear > 0 and len(weights) == linear
+    feed = v1.feeds["transformer"][0]
+    want = ort.InferenceSession(str(v1.paths["transformer"]), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    dst, facts = transformer_w8a16
+    assert facts["linear_layers_as_conv"] == linear
+    q = onnx.load(str(dst))
+    consts = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    scales = {n.output[0]: consts[n.input[1]] for n in q.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+    conv_scales = [scales[n.input[1]] for n in q.graph.node if n.op_type == "Conv" and n.name.endswith("_conv")]
+    assert len(conv_scales) == linear and all(s.ndim == 1 and s.size > 1 for s in conv_scales)  # per channel
+    assert not any(n.op_type == "MatMul" and n.input[1] in scales for n in q.graph.node)  # no per-tensor linear
+
+
 def test_unsupported_node_is_an_error_naming_it(tmp_path):
     """Erf has no HTP kernel: with the CPU fallback disabled the session refuses and names the node."""
     import onnx
