@@ -1,6 +1,7 @@
 """Where the embedded default loses prompt fidelity (issue 3): the VAE's ceiling and the transformer's use of the text.
 
     python benchmarks/diagnose_default.py [--model edge/assets/default] [--prompts 100] [--threads 1] [--trajectory]
+                                          [--shapes [--cfg S]]
 
 1. VAE ceiling: held-out scenes are encoded, Gaussian noise of ``eps`` latent std is added to the normalised
    latents, and the decodings are judged (``qwen_edge.world.evaluate_many``). At eps = 0 this is the best
@@ -14,8 +15,11 @@
    4's teacher (no CFG), 96 prompts: 85% whole-prompt from 0.1, 80% from 0.3, 69% from 0.5, 47% from 0.7, 16% from
    0.9, 8% from 1.0 (shapes 86 -> 23%); the student 84 / 69 / 38 / 6% from 0.25 / 0.5 / 0.75 / 1.0. So what the
    high-noise steps decide (which shape, how many objects) is the weak part, not the detail the last steps add.
+4. Which shape the model draws for each shape word (``--shapes``): the 54 single-object prompts (6 colours x 3
+   shapes x unstated/small/large size), seed = index, judged by the world's detector (see the README for figures).
 
     python benchmarks/diagnose_default.py --model edge/assets/teacher --prompts 96 --trajectory
+    python benchmarks/diagnose_default.py --model edge/assets/teacher --shapes --cfg 3
 """
 
 from __future__ import annotations
@@ -99,14 +103,40 @@ def trajectory(model: Path, n: int) -> dict[float, dict]:
     return out
 
 
+def shape_confusion(model: Path, cfg: float) -> dict[str, dict[str, int]]:
+    """{shape word: {what the detector found: count}} over the single-object prompts; ``cfg`` > 1 samples the
+    model's default grid (40 steps without ``sample_sigmas``) with true CFG against the blank prompt."""
+    from qwen_edge.pipeline import Pipeline
+    from qwen_edge.train.evaluate import generate
+    from qwen_edge.world import detect
+    from qwen_edge.world.scene import COLORS, SHAPES
+
+    texts = [f"a {size}{color} {shape}" for color in COLORS for shape in SHAPES for size in ("", "small ", "large ")]
+    steps = None if Pipeline.from_pretrained(model).spec.sample_sigmas else 40
+    out: dict[str, dict[str, int]] = {shape: {} for shape in SHAPES}
+    for text, image in zip(texts, generate(model, texts, steps, "shapes", cfg)):
+        objects = detect(image)[1]
+        found = objects[0].shape if len(objects) == 1 else f"{len(objects)} objects"
+        counts = out[text.split()[-1]]
+        counts[found] = counts.get(found, 0) + 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT)
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--trajectory", action="store_true", help="only step 3: start sampling from noised scene latents")
+    p.add_argument("--shapes", action="store_true", help="only step 4: which shape is drawn for each shape word")
+    p.add_argument("--cfg", type=float, default=1.0, help="--shapes: true CFG scale (the teacher's is 3)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.shapes:
+        confusion = shape_confusion(args.model, args.cfg)
+        for word, found in confusion.items():
+            print(f"{word!r} drawn as: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
+        return 0
     if args.trajectory:
         traj = trajectory(args.model, args.prompts)
         for s, r in traj.items():
