@@ -76,15 +76,15 @@ def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: P
     (everything with ``fresh``) from ``model`` (None: the embedded default). A w8a16 bundle that fell back to
     ``--target onnx`` is not reused: the QNN export is tried again, in case the HTP backend (or qwen-edge) now
     runs every graph."""
-    from qwen_edge.export.onnx import CALIBRATION_PROMPTS, QNN_CALIBRATION_PROMPTS, world_prompts
+    from qwen_edge.export.onnx import world_calibration
     from qwen_edge.spec import default_model
 
+    model_key = fingerprint(model or default_model())
     out = {}
     for recipe in tqdm(recipes, desc="bundles", unit="recipe", file=sys.stderr):
-        # the exporter's own default prompts for the embedded default's target: every background
-        calibration = list(world_prompts(QNN_CALIBRATION_PROMPTS if recipe == "w8a16" else CALIBRATION_PROMPTS))
-        key = {"model": fingerprint(model or default_model()), "text_len": text_len, "steps": 4,
-               "prompts": calibration}
+        # the exporter's own default prompts for the embedded default on this recipe's target: every background
+        calibration = list(world_calibration("qnn" if recipe == "w8a16" else "onnx"))
+        key = {"model": model_key, "text_len": text_len, "steps": 4, "prompts": calibration}
         stamp = work / f"{recipe}.json"
         cached = json.loads(stamp.read_text()) if stamp.is_file() else None
         fallback = recipe == "w8a16" and (cached or {}).get("target") != "qnn"

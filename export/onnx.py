@@ -67,7 +67,8 @@ SAMPLE_PROMPT = "a red circle above a blue square on a white background"
 CALIBRATION_PROMPTS = 4  # the embedded default: train-split captions covering every background and colour
 # --target qnn calibrates every activation of every graph statically (w8a16), not just the VAE's convolutions:
 # on the embedded default, 4 prompts left a held-out black-background prompt clipping in the transformer (worst
-# of 50 held-out images 19.6 dB vs torch), 12 do not (30.9 dB; `benchmarks/bench_default.py`, session 6).
+# of 50 held-out images 19.5 dB vs torch); 12, with per-channel linear layers, give 31.6 dB
+# (`benchmarks/bench_default.py`, session 6).
 QNN_CALIBRATION_PROMPTS = 12
 GENERIC_CALIBRATION_PROMPTS = (  # other checkpoints: a bright, a dark and a text-rendering scene
     "a green triangle and a yellow circle on black",
@@ -200,8 +201,14 @@ def default_prompts(spec: ModelSpec, target: str = "onnx") -> tuple[str, ...]:
     (:data:`QNN_CALIBRATION_PROMPTS` of them for ``target`` qnn, else :data:`CALIBRATION_PROMPTS`), for any
     other checkpoint :data:`GENERIC_CALIBRATION_PROMPTS`."""
     if Path(spec.root).resolve() == default_model().resolve():
-        return world_prompts(QNN_CALIBRATION_PROMPTS if target == "qnn" else CALIBRATION_PROMPTS)
+        return world_calibration(target)
     return GENERIC_CALIBRATION_PROMPTS
+
+
+def world_calibration(target: str) -> tuple[str, ...]:
+    """The embedded default's sample-run prompts for ``target``: :func:`world_prompts` of
+    :data:`QNN_CALIBRATION_PROMPTS` for qnn (w8a16 calibrates every activation), else of :data:`CALIBRATION_PROMPTS`."""
+    return world_prompts(QNN_CALIBRATION_PROMPTS if target == "qnn" else CALIBRATION_PROMPTS)
 
 
 def world_prompts(n: int, pool: int = 64, seed: int = 0) -> tuple[str, ...]:

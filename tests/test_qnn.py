@@ -83,8 +83,8 @@ def test_linear_layers_become_per_channel_convs(v1, transformer_w8a16):
     from onnx import numpy_helper
 
     model = onnx.load(str(v1.paths["transformer"]))
-    linear = sum(n.op_type == "MatMul" and n.input[1] in {t.name for t in model.graph.initializer}
-                 for n in model.graph.node)
+    initializers = {t.name for t in model.graph.initializer}
+    linear = sum(n.op_type == "MatMul" and n.input[1] in initializers for n in model.graph.node)
     weights = qnn.linears_as_convs(model)
     assert linear > 0 and len(weights) == linear
     feed = v1.feeds["transformer"][0]
