@@ -15,7 +15,7 @@ fp32, ...) so machine load hits both alike; the figure is the median of ``--runs
 counts the graph's MatMul/Gemm FLOPs (shape inference on the exported model) and is set against an
 fp32 GEMM of the block's largest shape measured in the same run.
 
-    python benchmarks/bench_int8_block.py [--runs 7] [--threads 2] [--recipes int8,int4] [--workdir DIR]
+    python benchmarks/bench_int8_block.py [--runs 7] [--threads 2] [--recipes int8,int8:tensor,int4] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--recipes", default="int8", help="comma-separated quant recipes to set against fp32")
+    parser.add_argument("--recipes", default="int8", help="comma-separated quant recipes to set against fp32; "
+                        "int8:tensor is int8 with quantize_dynamic's per-tensor activations (default: per token)")
     parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -148,9 +149,11 @@ def main(argv=None) -> int:
             print(f"exported in {time.perf_counter() - t:.0f} s")
         facts = {}
         for recipe in recipes:
-            models[recipe] = work / f"block_{recipe}.onnx"
+            models[recipe] = work / f"block_{recipe.replace(':', '_')}.onnx"
             t = time.perf_counter()
-            facts[recipe] = quantize("transformer", models["fp32"], models[recipe], recipe)
+            name, _, grid = recipe.partition(":")
+            facts[recipe] = quantize("transformer", models["fp32"], models[recipe], name,
+                                     **({"activations": grid} if grid else {}))
             print(f"{recipe}: quantized in {time.perf_counter() - t:.0f} s, ops {facts[recipe]['ops']}")
         flops = matmul_flops(models["fp32"])
         sessions = {name: session(path, args.threads) for name, path in models.items()}

@@ -101,7 +101,7 @@ def infer_shapes(model) -> dict[str, list[int]]:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     for _ in range(_ROUNDS):
-        inferred = onnx.shape_inference.infer_shapes(work)
+        inferred = onnx.shape_inference.infer_shapes(work, data_prop=True)  # Shape -> Reshape chains (per_token)
         shapes, types = _collect(inferred.graph)
         added = 0
         for node in _nodes(inferred.graph):

@@ -19,10 +19,12 @@ holds more than one weight (the text encoder's own parts, its embedding table an
    ``MatMul`` (its ``replace_gemm_with_matmul``) and each MatMul with a weight to its dynamic pattern
    (``DynamicQuantizeLinear``, ``MatMulInteger``, ``Cast``, two ``Mul``; ORT fuses them at load to
    ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), with its tensor names; an embedding table's ``Gather``
-   reads the uint8 table and is followed by a ``DequantizeLinear`` (its ``GatherQuant``).
+   reads the uint8 table and is followed by a ``DequantizeLinear`` (its ``GatherQuant``); and the int8 recipe's
+   per-token activations (:func:`qwen_edge.quant.per_token.per_token`) replace the per-tensor ones.
 3. **Stream.** Each weight is read alone from the (sharded, bf16) safetensors, cast to float32, transposed,
    quantized per output channel with ONNX Runtime's own primitives (:func:`quantize_per_channel`; an embedding
-   table per tensor) and appended to the external data file by ``onnx.external_data_helper``.
+   table per tensor) and appended to the external data file by ``onnx.external_data_helper``; its weighted column
+   sums (:func:`qwen_edge.quant.per_token.weighted_colsums`, one float per output channel) stay in the graph.
 
 The result is the graph ``export_graph`` + ``qwen_edge.quant.quantize(..., "int8")`` write, computing the same
 outputs (tests/test_export_stream.py), so runtime, verify and bench run it unchanged. Its parity gate needs no
@@ -405,9 +407,16 @@ def _stream_one(name: str, w: Weight, ckpt: Checkpoint, data: Path, quantized: b
     array = ckpt.read(w.key, w.transpose)  # (K, N): what the MatMul multiplies by; a table (vocab, hidden)
     if not quantized:
         return [_external(array, name, data)]
-    q, scale, zero_point = quantize_table(array) if w.table else quantize_per_channel(array, reduce_range)
+    if w.table:
+        q, scale, zero_point = quantize_table(array)
+        extra = []
+    else:
+        from qwen_edge.quant.per_token import weighted_colsums
+
+        q, scale, zero_point = quantize_per_channel(array, reduce_range)
+        extra = [numpy_helper.from_array(weighted_colsums(q, scale, zero_point), f"{name}_colsum")]
     return [_external(q, f"{name}_quantized", data), numpy_helper.from_array(scale, f"{name}_scale"),
-            numpy_helper.from_array(zero_point, f"{name}_zero_point")]
+            numpy_helper.from_array(zero_point, f"{name}_zero_point"), *extra]
 
 
 def _external(array: np.ndarray, name: str, data: Path):
@@ -425,9 +434,9 @@ def _external(array: np.ndarray, name: str, data: Path):
 
 def int8_facts(reduce_range: bool) -> dict:
     """What the int8 recipe's facts say (:func:`qwen_edge.quant.recipes.int8`), for the same graph."""
-    return {"recipe": "int8", "weights": "int8 symmetric per-channel", "reduce_range": reduce_range,
-            "activations": "uint8, quantized per call (dynamic)",
-            "compute": "integer (DynamicQuantizeMatMul / MatMulIntegerToFloat)"}
+    from qwen_edge.quant.recipes import Options, int8_facts as recipe_facts
+
+    return {"recipe": "int8", **recipe_facts(Options(reduce_range=reduce_range))}
 
 
 # -- a whole graph, and the bundle's transformer component ---------------------------------------------------------
@@ -449,7 +458,10 @@ def export_streamed(src: Source, graph: str, io: iospec.IOSpec, path: Path, reci
     weights = fold_transposes(model.graph, leaves)
     kept: set[str] = set()
     if recipe == "int8":
+        from qwen_edge.quant.per_token import per_token
+
         weights, kept = dynamic_int8(model.graph, weights)
+        per_token(model)  # reads the <W>_colsum initializers write() adds
     if log:
         log(f"  {graph}: traced, {len(weights)} weights to stream")
     facts = write(model, weights, ckpt, path, recipe == "int8", reduce_range, log, keep=kept)

@@ -22,12 +22,13 @@ EVAL_FEEDS = 4  # calibration feeds the returned fidelity figure is measured on
 
 def quantize(component: str, src: Path, dst: Path, recipe: str,
              calibration: list[dict[str, np.ndarray]] | None = None, *, block_size: int = 64,
-             target_psnr: float = 35.0, reduce_range: bool = False) -> dict:
+             target_psnr: float = 35.0, reduce_range: bool = False, activations: str = "token") -> dict:
     """Quantize the fp32 ONNX model ``src`` of ``component`` with ``recipe`` into ``dst``.
 
     ``calibration``: feeds recorded by :func:`qwen_edge.quant.calibrate.record` for this component
     (required by ``w8a16`` and ``mixed``; ``int8`` uses them for static convolutions). ``block_size``:
-    int4 block (32, 64 or 128); ``target_psnr``: the ``mixed`` recipe's goal in dB. Returns the facts
+    int4 block (32, 64 or 128); ``target_psnr``: the ``mixed`` recipe's goal in dB; ``activations``: ``int8``'s
+    activation grid, ``"token"`` (per row, :mod:`qwen_edge.quant.per_token`) or ``"tensor"``. Returns the facts
     for the manifest: recipe, tool versions, what was quantized how, op counts, bytes before/after, the
     files written (``dst`` and any external data) and, with calibration, ``psnr_db``: the output PSNR vs
     fp32 on up to :data:`EVAL_FEEDS` feeds (worst feed, peak = the largest fp32 magnitude, as the
@@ -39,7 +40,8 @@ def quantize(component: str, src: Path, dst: Path, recipe: str,
 
     src, dst = Path(src), Path(dst)
     _check(component, src, dst, recipe, calibration)
-    opts = recipes.Options(block_size=block_size, target_psnr=target_psnr, reduce_range=reduce_range)
+    opts = recipes.Options(block_size=block_size, target_psnr=target_psnr, reduce_range=reduce_range,
+                           activations=activations)
     _remove(dst)  # onnx appends external data to an existing file: start from nothing
     run = sensitivity.mixed if recipe == "mixed" else getattr(recipes, recipe)
     try:
@@ -95,8 +97,8 @@ def _quant_ops(dst: Path) -> dict[str, int]:
     """Counts of the quantized op types in the result (what actually runs in integer or reduced precision)."""
     from .recipes import op_counts
 
-    keep = ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
-            "GatherBlockQuantized", "ConvInteger", "QLinearConv", "QLinearMatMul", "Cast")
+    keep = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+            "MatMulNBits", "GatherBlockQuantized", "ConvInteger", "QLinearConv", "QLinearMatMul", "Cast")
     return {op: n for op, n in sorted(op_counts(dst).items()) if op in keep or op in ("MatMul", "Gemm", "Conv")}
 
 

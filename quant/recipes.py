@@ -8,9 +8,10 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
   ops and nodes where Qwen-Image overflows or loses precision in half precision (norm statistics,
   softmax, the timestep/modulation path, the final norm and projection).
 - ``int8``: ``quantize_dynamic``: per-channel symmetric int8 weights for MatMul/Gemm/Gather, uint8
-  activations quantized on the fly, so ORT runs integer kernels (``DynamicQuantizeMatMul``,
-  ``MatMulIntegerToFloat``) rather than dequantizing weights to fp32. Convolutions: ORT's dynamic
-  ``ConvInteger`` is ~5x *slower* than its fp32 Conv on x86, so with calibration feeds the convolutions
+  activations quantized on the fly, so ORT runs integer kernels (``MatMulIntegerToFloat``,
+  ``DynamicQuantizeMatMul``) rather than dequantizing weights to fp32; then each product's input gets one grid
+  per token instead of one per tensor (:mod:`qwen_edge.quant.per_token`; ``Options.activations``). Convolutions:
+  ORT's dynamic ``ConvInteger`` is ~5x *slower* than its fp32 Conv on x86, so with calibration feeds the convolutions
   are quantized statically instead (QDQ, uint8 activations, per-channel int8 weights: ORT fuses them into
   ``QLinearConv``, ~1.7x faster than fp32 on the VAE decoder), and without calibration they stay fp32.
 - ``int4``: ``MatMulNBitsQuantizer``: block-wise symmetric 4-bit weights (block 32/64/128) with int8
@@ -56,6 +57,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 FP16_KEEP_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                  "RMSNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "ReduceL2",
                  "ReduceSumSquare", "LpNormalization", "Pow", "Sqrt", "Reciprocal", "Softmax", "Exp", "Sin", "Cos")
+ACTIVATION_GRIDS = ("token", "tensor")  # int8's dynamic activation quantization: per row, or per tensor
 # w8a16: calibrated activation ranges are widened this many times (see widened_ranges).
 ACTIVATION_MARGIN = 4.0
 _FLOAT32_RANGE = (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))  # a mask's lowest x 4 stays finite
@@ -68,13 +70,18 @@ NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 class Options:
     """Recipe knobs. ``block_size``: int4 / w8a32 block length along K; ``target_psnr``: the ``mixed`` recipe's goal
     (dB, component output vs fp32 on the calibration feeds); ``reduce_range``: 7-bit int8 weights, for
-    x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs ~6 dB)."""
+    x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs ~6 dB); ``activations``: the int8 recipe's
+    activation grid, ``"token"`` (one per row, :mod:`qwen_edge.quant.per_token`) or ``"tensor"`` (``quantize_dynamic``'s
+    one per call: faster on tiny graphs, 27.0 vs 30.7 dB worst image on the embedded default)."""
 
     block_size: int = 64
     target_psnr: float = 35.0
     reduce_range: bool = False
+    activations: str = "token"
 
     def __post_init__(self):
+        if self.activations not in ACTIVATION_GRIDS:
+            raise InputError(f"int8 activations must be one of {', '.join(ACTIVATION_GRIDS)}, got {self.activations}")
         if self.block_size not in BLOCK_SIZES:
             sizes = ", ".join(map(str, BLOCK_SIZES))
             raise InputError(f"int4 block size must be one of {sizes}, got {self.block_size}")
@@ -151,10 +158,10 @@ def _cast_to(node) -> int:
 
 
 def int8(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
-    """Per-channel int8 weights with int8 compute (dynamic activations); convs static when calibrated."""
+    """Per-channel int8 weights with int8 compute (activations quantized per call, per token by default); convs
+    static when calibrated."""
     q = require("onnxruntime.quantization", "onnx")
-    facts = {"weights": "int8 symmetric per-channel", "activations": "uint8, quantized per call (dynamic)",
-             "compute": "integer (DynamicQuantizeMatMul / MatMulIntegerToFloat)", "reduce_range": opts.reduce_range}
+    facts = int8_facts(opts)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         staged = src
         if calibration and has_op(src, "Conv"):
@@ -164,14 +171,34 @@ def int8(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
         elif has_op(src, "Conv"):
             facts["convolutions"] = "float32 (ConvInteger is slower than fp32 Conv on CPU; pass calibration feeds)"
         kept = boundary_layers(src)
+        out = Path(tmp) / "dynamic.onnx" if opts.activations == "token" else dst
         with quiet():
-            q.quantize_dynamic(str(staged), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+            q.quantize_dynamic(str(staged), str(out), op_types_to_quantize=["MatMul", "Gemm", "Gather"],
                                per_channel=True, reduce_range=opts.reduce_range, weight_type=q.QuantType.QInt8,
                                nodes_to_exclude=kept, use_external_data_format=_large(staged),
                                extra_options={"MatMulConstBOnly": True})
+        if out != dst:
+            from .per_token import add_colsums, per_token
+
+            model = require("onnx", "onnx").load(str(out))
+            add_colsums(model.graph)
+            per_token(model)
+            save(model, dst)
     if kept:
         facts["kept_fp32"] = kept_facts(kept)
     return facts
+
+
+def int8_facts(opts: Options) -> dict:
+    """The manifest's description of the int8 recipe's matrix products (also the streaming exporter's)."""
+    if opts.activations == "token":
+        act = "uint8, quantized per call and per token (row): own scale and zero point (qwen_edge.quant.per_token)"
+        compute = "integer (MatMulIntegerToFloat, scaled per row)"
+    else:
+        act, compute = "uint8, quantized per call (dynamic, per tensor)", \
+            "integer (DynamicQuantizeMatMul / MatMulIntegerToFloat)"
+    return {"weights": "int8 symmetric per-channel", "activations": act, "compute": compute,
+            "reduce_range": opts.reduce_range}
 
 
 def kept_facts(kept: list[str]) -> dict:

@@ -89,7 +89,7 @@ def test_flops_propagate_through_onnx_runtime_contrib_ops():
 
 @pytest.mark.parametrize("recipe", ["int8", "int4"])
 def test_quantized_graphs_count_the_same_flops(recipe, tmp_path):
-    """The quantizers rewrite the products (MatMulInteger, MatMulNBits), not the work: same count as fp32."""
+    """The quantizers rewrite the products (MatMulIntegerToFloat, MatMulNBits), not the work: same count as fp32."""
     from qwen_edge.quant import quantize
 
     model, want = _mlp_attention_graph()
@@ -97,7 +97,7 @@ def test_quantized_graphs_count_the_same_flops(recipe, tmp_path):
     onnx.save(model, str(src))
     quantize("transformer", src, dst, recipe)
     ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
-    assert ("MatMulInteger" if recipe == "int8" else "MatMulNBits") in ops
+    assert ("MatMulIntegerToFloat" if recipe == "int8" else "MatMulNBits") in ops
     counted = flops.count(dst)
     assert counted.total == want and counted.weights == flops.count(src).weights
 

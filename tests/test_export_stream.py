@@ -95,7 +95,8 @@ def test_streamed_int8_is_the_normal_int8_export(setup, bundle, graph, tmp_path)
     assert facts.get("kept_fp32", 0) == kept
     tables = _ops(streamed)["DequantizeLinear"]  # the text encoder's embedding table: uint8, dequantized rows
     assert tables == (graph == "text_encoder") == ("embedding_table" in facts)
-    assert _ops(streamed)["MatMulInteger"] == facts["weights_streamed"] - kept - tables > 0
+    # every streamed weight but the kept and the table is an int8 product with per-token activations (quant.per_token)
+    assert _ops(streamed)["MatMulIntegerToFloat"] == facts["weights_streamed"] - kept - tables > 0
     np.testing.assert_array_equal(_run(streamed, io, feed), _run(tmp_path / "normal.onnx", io, feed))
     # the weights live in external data, int8 but the kept layers; the graph file holds names, scales, small constants
     model = onnx.load(str(streamed), load_external_data=False)
