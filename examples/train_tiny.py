@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--smoke", action="store_true", help="tiny schedules: checks the code path, not the quality")
     p.add_argument("--teacher-steps", type=int, help="override the teacher's optimiser steps (the recipe's default "
-                   "fits the 60-minute budget on one core)")
+                   "fits the 60-minute budget on two cores)")
     p.add_argument("--heads", type=int, help="override the transformer's attention heads (width = heads x 32; the "
                    "recipe's default is 3)")
     p.add_argument("--cfg-dropout", type=float, help="share of teacher batches on the blank prompt (CFG training; "

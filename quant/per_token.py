@@ -31,6 +31,8 @@ thread: 1.36 ms per tensor, 1.88 per token, fp32 1.70). What it buys there: the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from qwen_edge.errors import IntegrityError
 
@@ -43,6 +45,20 @@ def weighted_colsums(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -
     is taken in int64, then scaled in float64 and rounded once."""
     s = np.asarray(q, np.int64).sum(axis=0) - q.shape[0] * np.asarray(zero_point, np.int64)
     return (s * np.asarray(scale, np.float64)).astype(np.float32).reshape(1, -1)
+
+
+def rewrite_file(src: Path, dst: Path) -> int:
+    """``quantize_dynamic``'s int8 model at ``src`` -> the per-token model at ``dst`` (:func:`add_colsums`, then
+    :func:`per_token`; external data kept when the model is large). Returns the inputs rewritten."""
+    from qwen_edge.errors import require
+
+    from .recipes import save
+
+    model = require("onnx", "onnx").load(str(src))
+    add_colsums(model.graph)
+    count = per_token(model)
+    save(model, dst)
+    return count
 
 
 def add_colsums(graph) -> None:

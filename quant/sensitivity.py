@@ -84,12 +84,12 @@ def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dic
         recipes.save(recipes.canonical(src), base)
         refs = outputs(base, calibration)
         budget = np.array([np.abs(r).max() ** 2 for r in refs]) / 10 ** (opts.target_psnr / 10)  # MSE per feed
-        layers = _grade(base, calibration, refs, opts.block_size, Path(tmp))
+        layers = _grade(base, calibration, refs, opts.block_size, Path(tmp), opts.activations)
         plan = {layer.node: "int4" for layer in layers}
         scale, missed = 1.0, False
         while True:
             _promote(layers, plan, budget / scale, opts.block_size, force=missed)
-            _build(base, plan, dst, opts.block_size)
+            _build(base, plan, dst, opts.block_size, opts.activations)
             measured = worst_psnr(refs, outputs(dst, calibration))
             if measured >= opts.target_psnr or all(v == "fp32" for v in plan.values()):
                 break
@@ -99,18 +99,20 @@ def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dic
         raise NumericalError(f"{component}: mixed precision cannot reach {opts.target_psnr} dB even in fp32 "
                              f"({measured:.1f} dB)")
     counts = {level: sum(1 for v in plan.values() if v == level) for level in LEVELS}
-    return {"weights": "per layer: int4 (MatMulNBits, GatherBlockQuantized) / int8 (dynamic) / fp32",
+    return {"weights": "per layer: int4 (MatMulNBits, GatherBlockQuantized) / int8 (dynamic, activations per "
+                       f"{opts.activations}) / fp32",
             "target_psnr": opts.target_psnr, "psnr_db": measured, "layer_counts": counts,
             "layers": {layer.label: plan[layer.node] for layer in layers}, "block_size": opts.block_size}
 
 
-def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int, tmp: Path) -> list[_Layer]:
+def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int, tmp: Path,
+           activations: str = "token") -> list[_Layer]:
     """Each weight layer's per-feed output MSE when it alone is quantized, at int4 and at int8."""
     layers = _weight_layers(base)
     probe = tmp / "probe.onnx"
     for layer in layers:
         for level in ("int4", "int8"):
-            _build(base, {layer.node: level}, probe, block_size)
+            _build(base, {layer.node: level}, probe, block_size, activations)
             layer.mse[level] = np.array([np.mean((o - r) ** 2) for o, r in zip(outputs(probe, feeds), refs)])
         layer.mse["fp32"] = np.zeros(len(refs))
     return layers
@@ -142,13 +144,13 @@ def _promote(layers: list[_Layer], plan: dict[str, str], budget: np.ndarray, blo
         plan[best] = LEVELS[LEVELS.index(plan[best]) + 1]
 
 
-def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int) -> None:
+def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int, activations: str = "token") -> None:
     """The canonical model with each planned layer at its level: MatMulNBits / GatherBlockQuantized for int4,
-    then ``quantize_dynamic`` for int8."""
+    then ``quantize_dynamic`` for int8, its activations per token as the int8 recipe's
+    (:mod:`qwen_edge.quant.per_token`; ``activations="tensor"``: quantize_dynamic's own)."""
     from . import recipes
 
     onnx = require("onnx", "onnx")
-    q = require("onnxruntime.quantization", "onnx")
     model = onnx.load(str(base))
     int4 = [n for n, level in plan.items() if level == "int4"]
     int8 = [n for n, level in plan.items() if level == "int8"]
@@ -160,9 +162,9 @@ def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int) -> None
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, recipes.quiet():
         staged = Path(tmp) / "int4.onnx"
         recipes.save(model, staged)
-        q.quantize_dynamic(str(staged), str(dst), op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=int8,
-                           per_channel=True, weight_type=q.QuantType.QInt8,
-                           use_external_data_format=recipes.model_bytes(staged) > recipes.EXTERNAL_DATA_BYTES)
+        recipes.dynamic_int8(staged, dst, activations, op_types_to_quantize=["MatMul", "Gather"],
+                             nodes_to_quantize=int8,
+                             use_external_data_format=recipes.model_bytes(staged) > recipes.EXTERNAL_DATA_BYTES)
 
 
 def _weight_layers(path: Path) -> list[_Layer]:
