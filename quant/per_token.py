@@ -24,9 +24,9 @@ graphs.
 Cost: ~20 small ops per quantized input and 4 per product instead of one fused op. On a full-width v1 block that is
 3% (``python benchmarks/bench_int8_block.py --runs 5 --threads 1 --recipes int8,int8:tensor``: 0.394 vs 0.383 s per
 step, fp32 1.050); on the tiny embedded default it is op overhead (a scratch timing of its transformer step, 1
-thread: 1.36 ms per tensor, 1.88 per token, fp32 1.70). What it buys there: the worst of 50 held-out images 27.0 ->
-30.9 dB vs torch fp32, mean 40.7 -> 42.5 (``benchmarks/bench_default.py``). ``Options(activations="tensor")`` keeps
-``quantize_dynamic``'s graph.
+thread: 1.36 ms per tensor, 1.88 per token, fp32 1.70). What it buys there (session 5's default): the worst of 50
+held-out images 27.1 -> 30.9 dB vs torch fp32, mean 40.7 -> 42.5 (``benchmarks/bench_default.py``).
+``Options(activations="tensor")`` keeps ``quantize_dynamic``'s graph.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from qwen_edge.errors import IntegrityError
+from qwen_edge.errors import IntegrityError, require
 
 MS_DOMAIN = "com.microsoft"
 _EPS = np.float32(1e-12)  # an all-zero row: any positive scale; its zero point is 0 and its product 0
@@ -50,8 +50,6 @@ def weighted_colsums(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -
 def rewrite_file(src: Path, dst: Path) -> int:
     """``quantize_dynamic``'s int8 model at ``src`` -> the per-token model at ``dst`` (:func:`add_colsums`, then
     :func:`per_token`; external data kept when the model is large). Returns the inputs rewritten."""
-    from qwen_edge.errors import require
-
     from .recipes import save
 
     model = require("onnx", "onnx").load(str(src))
