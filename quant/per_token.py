@@ -101,11 +101,12 @@ def per_token(model) -> int:
                 for n in _product(mm, readers, xs, xz, p, f"{p}_{j}", drop)]
     if not replace:
         return 0
+    if taken & set(_CONSTS):
+        raise IntegrityError(f"per-token int8: the graph already names {sorted(taken & set(_CONSTS))}")
     nodes = [n for node in old if id(node) not in drop for n in replace.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
-    have = {t.name for t in graph.initializer}
-    graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in _CONSTS.items() if k not in have)
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in _CONSTS.items())
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(replace)

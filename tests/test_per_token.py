@@ -34,10 +34,12 @@ def _prelude(path, w, b):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
 
 
-def _session(path):
+def _session(model):
+    """A CPU session on a model file's path or on a ``ModelProto``."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
 def _ort_row_quantizer():
@@ -49,14 +51,8 @@ def _ort_row_quantizer():
                               [helper.make_tensor_value_info(n, t, None)
                                for n, t in (("q", TensorProto.UINT8), ("s", TensorProto.FLOAT),
                                             ("z", TensorProto.UINT8))])
-    sess = _session_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    sess = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
     return lambda row: sess.run(None, {"x": row})
-
-
-def _session_bytes(model):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def _weights(path):
