@@ -21,14 +21,15 @@ EVAL_FEEDS = 4  # calibration feeds the returned fidelity figure is measured on
 
 
 def quantize(component: str, src: Path, dst: Path, recipe: str,
-             calibration: list[dict[str, np.ndarray]] | None = None, *, block_size: int = 64,
+             calibration: list[dict[str, np.ndarray]] | None = None, *, block_size: int | None = None,
              target_psnr: float = 35.0, reduce_range: bool = False, activations: str = "token") -> dict:
     """Quantize the fp32 ONNX model ``src`` of ``component`` with ``recipe`` into ``dst``.
 
     ``calibration``: feeds recorded by :func:`qwen_edge.quant.calibrate.record` for this component
     (required by ``w8a16`` and ``mixed``; ``int8`` uses them for static convolutions). ``block_size``:
-    int4 block (32, 64 or 128); ``target_psnr``: the ``mixed`` recipe's goal in dB; ``activations``: ``int8``'s
-    activation grid, ``"token"`` (per row, :mod:`qwen_edge.quant.per_token`) or ``"tensor"``. Returns the facts
+    int4 / w8a32 block (32, 64 or 128; None: per weight the largest of 64 and 32 dividing its K,
+    :func:`qwen_edge.quant.recipes.block_for`); ``target_psnr``: the ``mixed`` recipe's goal in dB;
+    ``activations``: ``int8``'s activation grid, ``"token"`` (per row, :mod:`qwen_edge.quant.per_token`) or ``"tensor"``. Returns the facts
     for the manifest: recipe, tool versions, what was quantized how, op counts, bytes before/after, the
     files written (``dst`` and any external data) and, with calibration, ``psnr_db``: the output PSNR vs
     fp32 on up to :data:`EVAL_FEEDS` feeds (worst feed, peak = the largest fp32 magnitude, as the

@@ -14,7 +14,8 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
   ORT's dynamic ``ConvInteger`` is ~5x *slower* than its fp32 Conv on x86, so with calibration feeds the convolutions
   are quantized statically instead (QDQ, uint8 activations, per-channel int8 weights: ORT fuses them into
   ``QLinearConv``, ~1.7x faster than fp32 on the VAE decoder), and without calibration they stay fp32.
-- ``int4``: ``MatMulNBitsQuantizer``: block-wise symmetric 4-bit weights (block 32/64/128) with int8
+- ``int4``: ``MatMulNBitsQuantizer``: block-wise symmetric 4-bit weights (block 32/64/128; by default per weight
+  the largest of 64 and 32 that divides its K, :func:`block_for`) with int8
   activations inside ``MatMulNBits`` (accuracy level 4), embedding tables as ``GatherBlockQuantized``. The
   VAE components take the ``int8`` recipe (the issue: "VAE stays int8").
 - ``w8a32``: weight-only int8, the int8 the issue defines: ``MatMulNBitsQuantizer`` at 8 bits (blocks of
@@ -48,6 +49,9 @@ from qwen_edge.errors import InputError, IntegrityError, require
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 COMPONENTS = ("text_encoder", "text_kv", "transformer") + VAE_COMPONENTS
 BLOCK_SIZES = (32, 64, 128)
+# The default block (Options.block_size None): per weight, the first of these that divides its K, so no block is
+# padded (MatMulNBits pads K up to a whole block: a 96-wide layer in blocks of 64 stores and computes 128).
+AUTO_BLOCKS = (64, 32)
 # Above this the protobuf limit (2 GB) is near: weights go to an external data file next to the model.
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -68,14 +72,15 @@ NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 
 @dataclass(frozen=True)
 class Options:
-    """Recipe knobs. ``block_size``: int4 / w8a32 block length along K; ``target_psnr``: the ``mixed`` recipe's goal
+    """Recipe knobs. ``block_size``: int4 / w8a32 block length along K (None: per weight, :func:`block_for`);
+    ``target_psnr``: the ``mixed`` recipe's goal
     (dB, component output vs fp32 on the calibration feeds); ``reduce_range``: 7-bit int8 weights, for
     x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs ~6 dB); ``activations``: the int8 recipe's
     activation grid (also of ``mixed``'s int8 layers), ``"token"`` (one per row, :mod:`qwen_edge.quant.per_token`) or
     ``"tensor"`` (``quantize_dynamic``'s one per call: faster on tiny graphs; session 5's embedded default's worst
     image 27.1 dB vs 30.9 per token)."""
 
-    block_size: int = 64
+    block_size: int | None = None
     target_psnr: float = 35.0
     reduce_range: bool = False
     activations: str = "token"
@@ -84,7 +89,7 @@ class Options:
         if self.activations not in ACTIVATION_GRIDS:
             grids = ", ".join(ACTIVATION_GRIDS)
             raise InputError(f"int8 activations must be one of {grids}, got {self.activations}")
-        if self.block_size not in BLOCK_SIZES:
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             sizes = ", ".join(map(str, BLOCK_SIZES))
             raise InputError(f"int4 block size must be one of {sizes}, got {self.block_size}")
 
@@ -259,10 +264,10 @@ def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
         return {**int8(component, src, dst, calibration, opts), "note": "VAE components stay int8"}
     model = canonical(src)
     kept = boundary_nodes(model.graph, {t.name for t in model.graph.initializer})
-    quantize_nbits(model, 4, opts.block_size, keep=kept)
+    blocks = quantize_nbits(model, 4, opts.block_size, keep=kept)
     save(model, dst)
-    facts = {"weights": f"int4 symmetric, blocks of {opts.block_size} along K (MatMulNBits, GatherBlockQuantized)",
-             "activations": "int8 inside MatMulNBits (accuracy_level 4)", "block_size": opts.block_size}
+    facts = {"weights": f"int4 symmetric, {_blocks_text(blocks)} along K (MatMulNBits, GatherBlockQuantized)",
+             "activations": "int8 inside MatMulNBits (accuracy_level 4)", **_block_facts(opts.block_size, blocks)}
     if kept:  # as int8 keeps them, for the same reason (boundary_layers); at 4 bits they cost even more
         facts["kept_fp32"] = kept_facts(kept)
     return facts
@@ -274,7 +279,7 @@ def w8a32(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
         return {**int8(component, src, dst, calibration, opts), "note": "VAE components take the int8 recipe"}
     q = require("onnxruntime.quantization", "onnx")
     model = canonical(src)
-    quantize_nbits(model, 8, opts.block_size, op_types=("MatMul",), accuracy_level=1)
+    blocks = quantize_nbits(model, 8, opts.block_size, op_types=("MatMul",), accuracy_level=1)
     gathers = [n.name for n in model.graph.node if n.op_type == "Gather"]
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         staged = Path(tmp) / "nbits.onnx"
@@ -283,10 +288,10 @@ def w8a32(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
             with quiet():
                 q.quantize_dynamic(str(staged), str(dst), op_types_to_quantize=["Gather"], per_channel=True,
                                    weight_type=q.QuantType.QInt8, use_external_data_format=_large(staged))
-    return {"weights": f"int8 symmetric, blocks of {opts.block_size} along K (MatMulNBits bits=8); embedding "
+    return {"weights": f"int8 symmetric, {_blocks_text(blocks)} along K (MatMulNBits bits=8); embedding "
                        "tables int8 per row", "activations": "float32 (weight-only)",
             "compute": "float32 (accuracy_level 1: weights dequantized block by block inside the kernel)",
-            "block_size": opts.block_size}
+            **_block_facts(opts.block_size, blocks)}
 
 
 def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
@@ -379,22 +384,61 @@ def canonical(src: Path):
     return wrapped.model
 
 
-def quantize_nbits(model, bits: int, block_size: int, nodes: list[str] | None = None, keep=(),
-                   op_types=("MatMul", "Gather"), accuracy_level: int = 4) -> None:
+def quantize_nbits(model, bits: int, block_size: int | None, nodes: list[str] | None = None, keep=(),
+                   op_types=("MatMul", "Gather"), accuracy_level: int = 4) -> dict[int, int]:
     """``MatMulNBitsQuantizer`` in place: MatMul weights and embedding tables (``nodes`` only, when given), except
-    the nodes named in ``keep``. ``accuracy_level`` 4: int8 activations inside the kernel; 1: float32 compute."""
+    the nodes named in ``keep``. ``accuracy_level`` 4: int8 activations inside the kernel; 1: float32 compute.
+    ``block_size`` None: each weight in blocks of :func:`block_for` its K (one quantizer pass per block size).
+    Returns {block size: weights quantized with it}."""
     with root_logger_kept():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
-    others = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in (nodes or ())]
-    exclude = [*keep] + ([] if nodes is None else others)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, nodes_to_exclude=exclude,
-                                     op_types_to_quantize=tuple(op_types),
-                                     quant_axes=tuple((op, {"MatMul": 0, "Gather": 1}[op]) for op in op_types))
-    with quiet():
-        quantizer.process()
+    widths = quantizable_widths(model.graph, op_types)
+    chosen = [n for n in widths if n not in keep and (nodes is None or n in nodes)]
+    groups: dict[int, list[str]] = {}
+    for name in chosen:
+        groups.setdefault(block_for(widths[name], block_size), []).append(name)
+    for block, group in sorted(groups.items()):
+        # nodes_to_include only adds to the op-type selection; restricting takes nodes_to_exclude.
+        exclude = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in group]
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=exclude,
+                                         op_types_to_quantize=tuple(op_types),
+                                         quant_axes=tuple((op, {"MatMul": 0, "Gather": 1}[op]) for op in op_types))
+        with quiet():
+            quantizer.process()
+    return {block: len(group) for block, group in sorted(groups.items())}
+
+
+def block_for(k: int, block_size: int | None = None) -> int:
+    """The block length along K for a weight whose blocked axis is ``k`` long: ``block_size`` when given, else the
+    first of :data:`AUTO_BLOCKS` that divides ``k`` (no padded block), else the largest of them."""
+    if block_size is not None:
+        return block_size
+    return next((b for b in AUTO_BLOCKS if k % b == 0), AUTO_BLOCKS[0])
+
+
+def quantizable_widths(graph, op_types=("MatMul", "Gather")) -> dict[str, int]:
+    """{node name: length of its blocked axis} for the MatMul nodes with a constant 2-D weight (K, its rows) and
+    Gather nodes with a constant 2-D table (its width) among ``op_types``: what MatMulNBitsQuantizer quantizes."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    out = {}
+    for n in graph.node:
+        if n.op_type == "MatMul" and "MatMul" in op_types and len(dims.get(n.input[1], ())) == 2:
+            out[n.name] = dims[n.input[1]][0]
+        elif n.op_type == "Gather" and "Gather" in op_types and len(dims.get(n.input[0], ())) == 2:
+            out[n.name] = dims[n.input[0]][1]
+    return out
+
+
+def _block_facts(block_size: int | None, blocks: dict[int, int]) -> dict:
+    """The manifest's record of the blocks: the option as given (``"auto"`` for None) and the weights per block."""
+    return {"block_size": "auto" if block_size is None else block_size,
+            "blocks": {str(b): n for b, n in blocks.items()}}
+
+
+def _blocks_text(blocks: dict[int, int]) -> str:
+    return "blocks of " + " / ".join(str(b) for b in blocks) if blocks else "no weights"
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from qwen_edge.errors import NumericalError, require
 
+from . import recipes
+
 LEVELS = ("int4", "int8", "fp32")  # cheapest first
 Feeds = list[dict[str, np.ndarray]]
 
@@ -64,10 +66,11 @@ class _Layer:
     shape: tuple[int, int]  # (K, N) of a MatMul weight, (rows, width) of an embedding table
     mse: dict[str, np.ndarray]  # per-feed output MSE with only this layer quantized, per level
 
-    def bytes(self, level: str, block_size: int) -> float:
+    def bytes(self, level: str, block_size: int | None) -> float:
         k, n = self.shape
         if level == "int4":
-            return k * n / 2 + math.ceil(k / block_size) * n * 4  # nibbles + fp32 block scales
+            blocks = math.ceil(k / recipes.block_for(k, block_size))
+            return blocks * recipes.block_for(k, block_size) * n / 2 + blocks * n * 4  # nibbles + fp32 block scales
         if level == "int8":
             return k * n + n * 5  # bytes + fp32 scale and zero point per output channel
         return k * n * 4
@@ -75,8 +78,6 @@ class _Layer:
 
 def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dict:
     """Per-layer precision (int4 / int8 / fp32) meeting ``opts.target_psnr`` at the smallest size."""
-    from . import recipes
-
     if component in recipes.VAE_COMPONENTS:  # conv nets: no MatMul layers to grade; the issue keeps VAE int8
         return {**recipes.int8(component, src, dst, calibration, opts), "note": "VAE components stay int8"}
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
@@ -102,10 +103,11 @@ def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dic
     return {"weights": "per layer: int4 (MatMulNBits, GatherBlockQuantized) / int8 (dynamic, activations per "
                        f"{opts.activations}) / fp32",
             "target_psnr": opts.target_psnr, "psnr_db": measured, "layer_counts": counts,
-            "layers": {layer.label: plan[layer.node] for layer in layers}, "block_size": opts.block_size}
+            "layers": {layer.label: plan[layer.node] for layer in layers},
+            "block_size": "auto" if opts.block_size is None else opts.block_size}
 
 
-def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int, tmp: Path,
+def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int | None, tmp: Path,
            activations: str = "token") -> list[_Layer]:
     """Each weight layer's per-feed output MSE when it alone is quantized, at int4 and at int8."""
     layers = _weight_layers(base)
@@ -118,7 +120,7 @@ def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int, tm
     return layers
 
 
-def _promote(layers: list[_Layer], plan: dict[str, str], budget: np.ndarray, block_size: int,
+def _promote(layers: list[_Layer], plan: dict[str, str], budget: np.ndarray, block_size: int | None,
              force: bool = False) -> None:
     """Greedy: while some feed's predicted MSE exceeds its budget, raise the layer whose next level removes
     the most (budget-relative) error per added byte. ``force``: promote at least once (the last build
@@ -144,12 +146,10 @@ def _promote(layers: list[_Layer], plan: dict[str, str], budget: np.ndarray, blo
         plan[best] = LEVELS[LEVELS.index(plan[best]) + 1]
 
 
-def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int, activations: str = "token") -> None:
+def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int | None, activations: str = "token") -> None:
     """The canonical model with each planned layer at its level: MatMulNBits / GatherBlockQuantized for int4,
     then ``quantize_dynamic`` for int8, its activations per token as the int8 recipe's
     (:mod:`qwen_edge.quant.per_token`; ``activations="tensor"``: quantize_dynamic's own)."""
-    from . import recipes
-
     onnx = require("onnx", "onnx")
     model = onnx.load(str(base))
     int4 = [n for n, level in plan.items() if level == "int4"]

@@ -272,6 +272,50 @@ def test_nbits_quantizer_leaves_the_root_logger_alone():
     assert out.stdout.split() == ["0", str(30)], (out.stdout, out.stderr[-500:])
 
 
+def _matmuls(widths, n: int = 48):
+    """A graph of one MatMul per K in ``widths`` (random (K, n) weights), each reading its own input, and its feed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inputs, outputs, inits, feed = [], [], [], [], {}
+    for i, k in enumerate(widths):
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"], name=f"mm{i}"))
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [4, k]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [4, n]))
+        feed[f"x{i}"] = rng.standard_normal((4, k)).astype(np.float32)
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), feed
+
+
+def test_int4_default_blocks_follow_each_weights_width():
+    """Block size None (the default): each weight in the largest of 64 / 32 blocks that divides its K, so a 96- or
+    288-wide layer (the embedded default's) is not padded to whole blocks of 64: smaller and closer to fp32 than
+    blocks of 64 everywhere."""
+    import onnxruntime as ort
+
+    widths = (96, 128, 288, 256)
+    assert [recipes.block_for(k) for k in widths] == [32, 64, 32, 64]
+    assert recipes.block_for(48) == 64 and recipes.block_for(96, 128) == 128  # no divisor: padded; explicit: kept
+    results = {}
+    for block in (None, 64):
+        model, feed = _matmuls(widths)
+        reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+        counts = recipes.quantize_nbits(model, 4, block)
+        blocks = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"}
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+        error = [float(np.mean((a - b) ** 2) / np.mean(a**2)) for a, b in zip(reference, got)]
+        results[block] = counts, blocks, error, sum(len(t.raw_data) for t in model.graph.initializer)
+    (auto_counts, auto_blocks, auto_err, auto_bytes), (_, fixed_blocks, fixed_err, fixed_bytes) = results.values()
+    assert auto_counts == {32: 2, 64: 2}
+    assert [auto_blocks[f"mm{i}_Q4"]["block_size"] for i in range(4)] == [32, 64, 32, 64], auto_blocks
+    assert {b["block_size"] for b in fixed_blocks.values()} == {64}
+    assert auto_bytes < fixed_bytes, (auto_bytes, fixed_bytes)
+    assert auto_err[0] < fixed_err[0] and auto_err[2] < fixed_err[2], (auto_err, fixed_err)
+    assert auto_err[1] == fixed_err[1] and auto_err[3] == fixed_err[3]  # same blocks, same weights
+
+
 def test_size_ratios_on_a_weight_dominated_model(wide, tmp_path):
     fp16 = quantize("transformer", wide.path, tmp_path / "fp16.onnx", "fp16")
     int8 = quantize("transformer", wide.path, tmp_path / "int8.onnx", "int8")
