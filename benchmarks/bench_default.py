@@ -17,7 +17,8 @@
    time (tokenize -> text encoder -> 4 steps -> VAE decoder) and of each component (``qwen_edge.bench.Timed``).
 3. Quality over ``--prompts`` held-out prompts (``qwen_edge.train.evaluate.heldout_prompts``, seed = index): image
    PSNR of every bundle vs the torch fp32 pipeline on the same noise (mean and worst), and whole-prompt accuracy
-   by ``qwen_edge.world.evaluate_many``.
+   by ``qwen_edge.world.evaluate_many``; an accuracy gap to fp32 is quoted with its paired standard error (over 50
+   prompts ~4 points: read the accuracy targets with ``--prompts 1000``, ~1).
 4. Memory: peak RSS of fresh processes (``qwen_edge.fresh_process``): one generation, one ``--low-memory``
    generation, each graph alone on its real input, and the baseline (imports, bundle read, no session). The
    issue's figure is ``(low-memory peak - baseline) / (largest single-graph peak - baseline)``.
@@ -179,7 +180,7 @@ def quality(pipes: dict, n: int) -> dict:
     from qwen_edge.export.onnx import image_psnr
     from qwen_edge.pipeline import Request
     from qwen_edge.train.evaluate import heldout_prompts
-    from qwen_edge.world import evaluate_many
+    from qwen_edge.world import evaluate, evaluate_many
 
     texts = heldout_prompts(n)
     images = {name: [] for name in pipes}
@@ -190,7 +191,8 @@ def quality(pipes: dict, n: int) -> dict:
     out = {}
     for name, imgs in images.items():
         acc = evaluate_many(imgs, texts)
-        out[name] = {"accuracy": acc["ok"], "attributes": acc}
+        out[name] = {"accuracy": acc["ok"], "attributes": acc,
+                     "ok_per_prompt": [int(evaluate(im, t).ok) for im, t in zip(imgs, texts)]}
         if name != TORCH:
             psnrs = [image_psnr(a, b) for a, b in zip(imgs, images[TORCH])]
             out[name].update(psnr_mean=float(np.mean(psnrs)), psnr_min=float(min(psnrs)))
@@ -314,9 +316,10 @@ def targets(sizes, med, q, mem) -> str:
                                                  f"prompts: {q[recipe]['psnr_min']:.1f} dB)")
     for recipe, points in ACCURACY_WITHIN.items():
         if recipe in q and "fp32" in q:
-            gap = 100 * (q["fp32"]["accuracy"] - q[recipe]["accuracy"])
+            gap = round(100 * (q["fp32"]["accuracy"] - q[recipe]["accuracy"]), 6)  # 65% - 60% is 5.000000000000004
             check(gap <= points, f"{recipe} prompt accuracy within {points:.0f} points of fp32 "
-                                 f"({100 * q[recipe]['accuracy']:.1f}% vs {100 * q['fp32']['accuracy']:.1f}%)")
+                                 f"({100 * q[recipe]['accuracy']:.1f}% vs {100 * q['fp32']['accuracy']:.1f}%: "
+                                 f"{_paired_gap(q['fp32']['ok_per_prompt'], q[recipe]['ok_per_prompt'])})")
     if "int8" in med:
         check(med[TORCH] / med["int8"] >= 4,
               f"int8 >= 4x faster than torch fp32 eager ({med[TORCH] / med['int8']:.2f}x)")
@@ -331,6 +334,14 @@ def targets(sizes, med, q, mem) -> str:
         check(m["ratio"] <= 1.2, f"{recipe} --low-memory peak RSS <= 1.2x (largest graph + its activations), above "
                                  f"the runtime's baseline ({m['ratio']:.2f}x)")
     return "Issue 4 targets:\n" + "\n".join(rows)
+
+
+def _paired_gap(reference: list[int], other: list[int]) -> str:
+    """The accuracy gap of ``other`` below ``reference`` over the same prompts, with its standard error (points):
+    on 50 prompts it is several points, so read the accuracy targets on ~1000 (``--prompts 1000``)."""
+    d = np.asarray(reference, np.float64) - np.asarray(other, np.float64)
+    se = 100 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{100 * d.mean():.1f} +- {se:.1f} points below over {len(d)} prompts"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Where the embedded default loses prompt fidelity (issue 3): the VAE's ceiling and the transformer's use of the text.
 
     python benchmarks/diagnose_default.py [--model edge/assets/default] [--prompts 100] [--threads 1] [--trajectory]
-                                          [--shapes [--cfg S]]
+                                          [--shapes [--cfg S]] [--splits [--cfg S]]
 
 0. The judge's tolerance: the same held-out scenes rendered, Gaussian-blurred (radius 1-3 px) or 4x down- and
    upsampled, and judged. 100% on all of them (measured, 200 prompts) means a reconstruction the judge rejects has a
@@ -21,8 +21,14 @@
 4. Which shape the model draws for each shape word (``--shapes``): the 54 single-object prompts (6 colours x 3
    shapes x unstated/small/large size), seed = index, judged by the world's detector (see the README for figures).
 
+5. Memorising or underfitting (``--splits``): the same sampler over prompts of the training split and of the
+   held-out split. Far better on training prompts: the model memorises its scenes (more data would help); about
+   the same: it underfits (more capacity or optimisation would). Session 7's teacher (40 steps, CFG 3, 200 prompts
+   each): train 61.5%, held-out 60.5% (shapes 72 / 67.5%, count 82.5 / 87%) -- underfitting.
+
     python benchmarks/diagnose_default.py --model edge/assets/teacher --prompts 96 --trajectory
     python benchmarks/diagnose_default.py --model edge/assets/teacher --shapes --cfg 3
+    python benchmarks/diagnose_default.py --model edge/assets/teacher --splits --cfg 3 --prompts 200
 """
 
 from __future__ import annotations
@@ -145,6 +151,15 @@ def shape_confusion(model: Path, cfg: float) -> dict[str, dict[str, int]]:
     return out
 
 
+def splits(model: Path, n: int, cfg: float) -> dict[str, dict]:
+    """Judged accuracy over ``n`` prompts of each split, sampled as :func:`shape_confusion` samples (seed = index)."""
+    from qwen_edge.train.evaluate import fidelity
+    from qwen_edge.world import prompts
+
+    steps = None if Pipeline.from_pretrained(model).spec.sample_sigmas else 40
+    return {split: fidelity(model, prompts(split, n), steps, split, cfg) for split in ("train", "heldout")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT)
@@ -152,13 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--trajectory", action="store_true", help="only step 3: start sampling from noised scene latents")
     p.add_argument("--shapes", action="store_true", help="only step 4: which shape is drawn for each shape word")
-    p.add_argument("--cfg", type=float, default=1.0, help="--shapes: true CFG scale (the teacher's is 3)")
+    p.add_argument("--splits", action="store_true", help="only step 5: training vs held-out prompts")
+    p.add_argument("--cfg", type=float, default=1.0, help="--shapes, --splits: true CFG scale (the teacher's is 3)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.shapes:
         confusion = shape_confusion(args.model, args.cfg)
         for word, found in confusion.items():
             print(f"{word!r} drawn as: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
+        return 0
+    if args.splits:
+        result = splits(args.model, args.prompts, args.cfg)
+        for split, r in result.items():
+            print(f"{split} prompts: " + ", ".join(f"{k} {v:.1%}" for k, v in r.items() if k != "n"))
         return 0
     if args.trajectory:
         traj = trajectory(args.model, args.prompts)
