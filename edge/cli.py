@@ -183,6 +183,8 @@ def _export_args(sub) -> None:
                    "text_encoder and/or transformer, vae_decoder (exported normally) with both")
     p.add_argument("--dynamic", action="store_true", help="onnx, --quant fp32|fp16|int8|int4: symbolic image-size axes, "
                    "so the bundle generates at any size on the patch grid (--height/--width: its default and gate size)")
+    p.add_argument("--block-size", type=int, help="int4, w8a32, mixed: weight block length along K, 32, 64 or 128 "
+                   "(default: per weight, the largest of 64 and 32 that divides K, so no block is padded)")
     p.add_argument("--expander-llm", type=Path, help="a causal LM folder (transformers, exported here, or already "
                    "ONNX with a KV cache) put into expander/ as the bundle's prompt expander (generate --expand "
                    "uses it)")
@@ -198,13 +200,13 @@ def _export(args) -> int:
     extras = {"test_vectors": args.test_vectors, "vector_prompt": args.vector_prompt,
               "vector_seed": args.vector_seed, "ort_format": args.ort_format, "expander_llm": args.expander_llm,
               "qnn_context": args.qnn_context, "precompute_modulation": args.precompute_modulation,
-              "stream": args.stream, "dynamic": args.dynamic}
+              "stream": args.stream, "dynamic": args.dynamic, "block_size": args.block_size}
     if args.target == "coreml":
         if args.test_vectors or args.ort_format or args.expander_llm or args.vector_prompt or args.vector_seed:
             raise UsageError("--test-vectors, --ort-format and --expander-llm apply to --target onnx and qnn")
-        if args.qnn_context or args.precompute_modulation or args.stream or args.dynamic:
-            raise UsageError("--qnn-context (--target qnn), --precompute-modulation (onnx, qnn), --stream and --dynamic "
-                             "(onnx) do not apply to --target coreml (it takes enumerated --sizes)")
+        if args.qnn_context or args.precompute_modulation or args.stream or args.dynamic or args.block_size is not None:
+            raise UsageError("--qnn-context (--target qnn), --precompute-modulation (onnx, qnn), --stream, --dynamic "
+                             "and --block-size (onnx) do not apply to --target coreml (it takes enumerated --sizes)")
         return _export_coreml(args, components, extra)
     if args.sizes or args.ios18 or args.chunk_limit or args.ane:
         raise UsageError("--sizes, --ios18, --chunk-limit and --ane apply to --target coreml only")

@@ -54,6 +54,7 @@ TARGETS = ("onnx", "qnn")
 RECIPES = ("fp32", "fp16", "int8", "w8a32", "int4", "w8a16", "mixed")
 QNN_RECIPES = ("w8a16",)  # what the QNN HTP backend runs: static QDQ, 8-bit weights, 16-bit activations
 MAX_RANK = {"qnn": 5}  # a target's tensor rank limit: the QNN HTP backend refuses 2.1's rank-6 text K/V
+BLOCK_RECIPES = ("int4", "w8a32", "mixed")  # block-wise weights: --block-size applies
 DYNAMIC_RECIPES = ("fp32", "fp16", "int8", "w8a32", "int4")  # recipes of a dynamic-size bundle (w8a16/QNN need static shapes)
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")  # what a user selects
 DEFAULT_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
@@ -453,7 +454,7 @@ def _gate(name: str, figures: dict, min_db: float) -> None:
 Quantize = Callable[[str, Path, Path, list], dict]  # (component, fp32 src, dst, calibration feeds) -> facts
 
 
-def _quantizer(recipe: str, target: str, context: bool = False) -> Quantize | None:
+def _quantizer(recipe: str, target: str, context: bool = False, block_size: int | None = None) -> Quantize | None:
     """How a component's fp32 graph becomes the bundle's: None for fp32; ``qwen_edge.quant.quantize`` with the
     recipe; for ``target="qnn"`` ``qwen_edge.export.qnn.prepare`` (w8a16, then run on the HTP backend; with
     ``context`` also precompiled into an EPContext model)."""
@@ -468,7 +469,7 @@ def _quantizer(recipe: str, target: str, context: bool = False) -> Quantize | No
     except ImportError:
         raise UsageError(f"--quant {recipe} needs qwen_edge.quant, which this installation lacks; "
                          "use --quant fp32") from None
-    return lambda name, src, dst, feeds: quantize(name, src, dst, recipe, calibration=feeds)
+    return lambda name, src, dst, feeds: quantize(name, src, dst, recipe, calibration=feeds, block_size=block_size)
 
 
 # -- the whole bundle ---------------------------------------------------------------------------------------------
@@ -482,7 +483,7 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
                   min_image_psnr: float | None = None, test_vectors: bool = False,
                   vector_prompt: str | None = None, vector_seed: int = 0, ort_format: bool = False,
                   expander_llm=None, qnn_context: bool = False, precompute_modulation: bool = False,
-                  stream: bool = False, dynamic: bool = False,
+                  stream: bool = False, dynamic: bool = False, block_size: int | None = None,
                   log: Callable[[str], None] | None = None) -> bundle_mod.Manifest:
     """Export checkpoint ``model`` (a directory or cached repo id; None: the embedded default) to a bundle at
     ``out``, atomically. Returns the manifest written.
@@ -505,16 +506,19 @@ def export_bundle(out: str | Path, model=None, *, target: str = "onnx", quant: s
     stream`); the small decoder is exported as usual; no torch sample run and no image gate.
     ``dynamic`` (``target="onnx"``, :data:`DYNAMIC_RECIPES`): the image-size-dependent axes symbolic, so the bundle
     generates at any size on the patch grid (``height``/``width`` are its default size and where it is gated).
+    ``block_size`` (int4, w8a32, mixed): the weight blocks along K, 32, 64 or 128 (None: per weight, the largest of
+    64 and 32 that divides K, :func:`qwen_edge.quant.recipes.block_for`).
     """
     log = log or (lambda msg: None)
     recipe = _check_choices(target, quant, components, steps)
+    _check_block_size(recipe, block_size)
     _check_extras(components, test_vectors, vector_prompt, vector_seed, expander_llm)
     if qnn_context and target != "qnn":
         raise UsageError("--qnn-context precompiles graphs for the QNN NPU: it needs --target qnn")
     if dynamic:
         _check_dynamic(target, recipe, test_vectors=test_vectors, ort_format=ort_format,
                        precompute_modulation=precompute_modulation, stream=stream)
-    quantize = _quantizer(recipe, target, context=qnn_context)
+    quantize = _quantizer(recipe, target, context=qnn_context, block_size=block_size)
     spec = ModelSpec.from_checkpoint(model if model is not None else default_model())
     if precompute_modulation and (spec.family.name != "qwen-image-2.1" or "transformer" not in components):
         raise UsageError("--precompute-modulation applies to a 2.1 transformer (its modulation depends on sigma "
@@ -646,6 +650,18 @@ def _check_choices(target: str, quant: str | None, components: Sequence[str], st
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive integer, got {steps!r}")
     return recipe
+
+
+def _check_block_size(recipe: str, block_size: int | None) -> None:
+    if block_size is None:
+        return
+    from qwen_edge.quant.recipes import BLOCK_SIZES
+
+    if recipe not in BLOCK_RECIPES:
+        raise UsageError(f"--block-size applies to the block-wise recipes ({', '.join(BLOCK_RECIPES)}), not --quant "
+                         f"{recipe}")
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
 
 
 def _check_dynamic(target: str, recipe: str, **static_only: bool) -> None:

@@ -233,12 +233,27 @@ def test_vae_encoder_alone_with_external_data(tiny_v1, tmp_path):
     (dict(components=("unet",)), UsageError, "unknown component"),
     (dict(height=48), InputError, "multiple of 32"),
     (dict(text_len=0), InputError, "text length"),
+    (dict(quant="int8", block_size=32), UsageError, "--block-size applies to the block-wise recipes"),
+    (dict(quant="int4", block_size=48), UsageError, "--block-size must be one of 32, 64, 128"),
 ])
 def test_bad_export_arguments(tiny21, tmp_path, kwargs, error, match):
     out = tmp_path / "b"
     with pytest.raises(error, match=match):
         export_onnx.export_bundle(out, tiny21, **{"height": 64, "width": 64, **kwargs})
     assert not out.exists() and no_leftovers(out)
+
+
+def test_block_size_reaches_the_quantizer(tiny21, tmp_path):
+    """``--block-size`` forces one block length on every block-wise weight; without it each weight takes the largest of
+    64 and 32 dividing its K (the manifest records which)."""
+    for block, expect in ((128, "128"), (None, "auto")):
+        out = tmp_path / f"b{block}"
+        export_onnx.export_bundle(out, tiny21, height=64, width=64, quant="int4", components=("transformer",),
+                                  block_size=block, min_component_psnr=0.0)  # random weights at 4 bits: plumbing only
+        quant = bundle_mod.load(out).manifest.components["transformer"].quant
+        assert str(quant["block_size"]) == expect and quant["blocks"], quant
+        if block:
+            assert set(quant["blocks"]) == {"128"}
 
 
 def test_refuses_to_replace_something_that_is_not_a_bundle(tiny21, tmp_path):
@@ -255,6 +270,8 @@ def test_refuses_to_replace_something_that_is_not_a_bundle(tiny21, tmp_path):
     (["--quant", "int2"], 2, "unknown quantization recipe"),
     (["--height", "40"], 3, "multiple of 32"),
     (["--components", "text_encoder,unet"], 2, "unknown component"),
+    (["--quant", "int4", "--block-size", "48"], 2, "--block-size must be one of"),
+    (["--target", "coreml", "--block-size", "32"], 2, "do not apply to --target coreml"),
 ])
 def test_cli_export_bad_input_is_one_line(tiny21, tmp_path, capsys, argv, code, match):
     out = tmp_path / "b"
