@@ -29,10 +29,10 @@ def quantize(component: str, src: Path, dst: Path, recipe: str,
     (required by ``w8a16`` and ``mixed``; ``int8`` uses them for static convolutions). ``block_size``:
     int4 / w8a32 block (32, 64 or 128; None: per weight the largest of 64 and 32 dividing its K,
     :func:`qwen_edge.quant.recipes.block_for`); ``target_psnr``: the ``mixed`` recipe's goal in dB;
-    ``activations``: ``int8``'s activation grid, ``"token"`` (per row, :mod:`qwen_edge.quant.per_token`) or ``"tensor"``. Returns the facts
-    for the manifest: recipe, tool versions, what was quantized how, op counts, bytes before/after, the
-    files written (``dst`` and any external data) and, with calibration, ``psnr_db``: the output PSNR vs
-    fp32 on up to :data:`EVAL_FEEDS` feeds (worst feed, peak = the largest fp32 magnitude, as the
+    ``activations``: ``int8``'s activation grid, ``"token"`` (per row, :mod:`qwen_edge.quant.per_token`) or
+    ``"tensor"``. Returns the facts for the manifest: recipe, tool versions, what was quantized how, op counts,
+    bytes before/after, the files written (``dst`` and any external data) and, with calibration, ``psnr_db``: the
+    output PSNR vs fp32 on up to :data:`EVAL_FEEDS` feeds (worst feed, peak = the largest fp32 magnitude, as the
     exporter's parity gate). An existing ``dst`` is replaced; on failure nothing is left at ``dst``.
     """
     import onnxruntime as ort

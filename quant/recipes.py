@@ -73,10 +73,9 @@ NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 @dataclass(frozen=True)
 class Options:
     """Recipe knobs. ``block_size``: int4 / w8a32 block length along K (None: per weight, :func:`block_for`);
-    ``target_psnr``: the ``mixed`` recipe's goal
-    (dB, component output vs fp32 on the calibration feeds); ``reduce_range``: 7-bit int8 weights, for
-    x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs ~6 dB); ``activations``: the int8 recipe's
-    activation grid (also of ``mixed``'s int8 layers), ``"token"`` (one per row, :mod:`qwen_edge.quant.per_token`) or
+    ``target_psnr``: the ``mixed`` recipe's goal (dB, component output vs fp32 on the calibration feeds);
+    ``reduce_range``: 7-bit int8 weights, for x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs
+    ~6 dB); ``activations``: the int8 recipe's activation grid (also of ``mixed``'s int8 layers), ``"token"`` (one per row, :mod:`qwen_edge.quant.per_token`) or
     ``"tensor"`` (``quantize_dynamic``'s one per call: faster on tiny graphs; session 5's embedded default's worst
     image 27.1 dB vs 30.9 per token)."""
 
