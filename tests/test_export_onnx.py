@@ -206,6 +206,14 @@ def test_failed_gate_writes_nothing_and_keeps_the_previous_bundle(bundle21, tiny
     assert no_leftovers(out)
 
 
+def test_missed_image_gate_says_what_to_try(tiny21, tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(NumericalError, match=r"image differs .* no bundle was written \(try --quant w8a32 or int8"):
+        export_onnx.export_bundle(out, tiny21, height=64, width=64, quant="int4", min_component_psnr=0.0,
+                                  min_image_psnr=1000.0)
+    assert not out.exists() and no_leftovers(out)
+
+
 @pytest.mark.filterwarnings("ignore:the prompt was truncated")
 def test_vae_encoder_alone_with_external_data(tiny_v1, tmp_path):
     """Only the VAE encoder, weights forced into external data: gated, hashed, path-checked, and the
