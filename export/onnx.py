@@ -855,9 +855,9 @@ def _image_gate(writer: BundleWriter, manifest: bundle_mod.Manifest, reference: 
     worst = min(image_psnr(_image(pipe, p, dims, steps, seed), ref) for p, ref in zip(prompts, reference))
     log(f"  image: {worst:.1f} dB vs the torch pipeline")
     if not worst >= min_db:
-        hint = GATE_HINTS.get(recipe)
+        hint = f" ({GATE_HINTS[recipe]})" if recipe in GATE_HINTS else ""
         raise NumericalError(f"the bundle's image differs from the torch pipeline's on the same noise: PSNR "
-                             f"{worst:.1f} dB < {min_db:.1f} dB; no bundle was written" + (f" ({hint})" if hint else ""))
+                             f"{worst:.1f} dB < {min_db:.1f} dB; no bundle was written{hint}")
     fid = {"image_psnr_db": worst, "min_image_psnr_db": min_db, "reference": "torch fp32 pipeline, same noise",
            "prompts": list(prompts), "seed": seed, "steps": steps,
            "components": {name: dict(c.fidelity) for name, c in manifest.components.items()}}
