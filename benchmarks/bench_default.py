@@ -180,7 +180,7 @@ def quality(pipes: dict, n: int) -> dict:
     from qwen_edge.export.onnx import image_psnr
     from qwen_edge.pipeline import Request
     from qwen_edge.train.evaluate import heldout_prompts
-    from qwen_edge.world import evaluate, evaluate_many
+    from qwen_edge.world import evaluate, summarize
 
     texts = heldout_prompts(n)
     images = {name: [] for name in pipes}
@@ -190,9 +190,9 @@ def quality(pipes: dict, n: int) -> dict:
             images[name].append(_image(pipe, req))
     out = {}
     for name, imgs in images.items():
-        acc = evaluate_many(imgs, texts)
-        out[name] = {"accuracy": acc["ok"], "attributes": acc,
-                     "ok_per_prompt": [int(evaluate(im, t).ok) for im, t in zip(imgs, texts)]}
+        results = [evaluate(im, t) for im, t in zip(imgs, texts)]
+        acc = summarize(results)
+        out[name] = {"accuracy": acc["ok"], "attributes": acc, "ok_per_prompt": [int(r.ok) for r in results]}
         if name != TORCH:
             psnrs = [image_psnr(a, b) for a, b in zip(imgs, images[TORCH])]
             out[name].update(psnr_mean=float(np.mean(psnrs)), psnr_min=float(min(psnrs)))

@@ -75,9 +75,9 @@ class Options:
     """Recipe knobs. ``block_size``: int4 / w8a32 block length along K (None: per weight, :func:`block_for`);
     ``target_psnr``: the ``mixed`` recipe's goal (dB, component output vs fp32 on the calibration feeds);
     ``reduce_range``: 7-bit int8 weights, for x86 CPUs without VNNI where ORT's u8s8 kernels can saturate (costs
-    ~6 dB); ``activations``: the int8 recipe's activation grid (also of ``mixed``'s int8 layers), ``"token"`` (one per row, :mod:`qwen_edge.quant.per_token`) or
-    ``"tensor"`` (``quantize_dynamic``'s one per call: faster on tiny graphs; session 5's embedded default's worst
-    image 27.1 dB vs 30.9 per token)."""
+    ~6 dB); ``activations``: the int8 recipe's activation grid (also of ``mixed``'s int8 layers), ``"token"`` (one
+    per row, :mod:`qwen_edge.quant.per_token`) or ``"tensor"`` (``quantize_dynamic``'s one per call: faster on tiny
+    graphs; session 5's embedded default's worst image 27.1 dB vs 30.9 per token)."""
 
     block_size: int | None = None
     target_psnr: float = 35.0
@@ -266,7 +266,7 @@ def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
     blocks = quantize_nbits(model, 4, opts.block_size, keep=kept)
     save(model, dst)
     facts = {"weights": f"int4 symmetric, {_blocks_text(blocks)} along K (MatMulNBits, GatherBlockQuantized)",
-             "activations": "int8 inside MatMulNBits (accuracy_level 4)", **_block_facts(opts.block_size, blocks)}
+             "activations": "int8 inside MatMulNBits (accuracy_level 4)", **block_facts(opts.block_size, blocks)}
     if kept:  # as int8 keeps them, for the same reason (boundary_layers); at 4 bits they cost even more
         facts["kept_fp32"] = kept_facts(kept)
     return facts
@@ -290,7 +290,7 @@ def w8a32(component: str, src: Path, dst: Path, calibration, opts: Options) -> d
     return {"weights": f"int8 symmetric, {_blocks_text(blocks)} along K (MatMulNBits bits=8); embedding "
                        "tables int8 per row", "activations": "float32 (weight-only)",
             "compute": "float32 (accuracy_level 1: weights dequantized block by block inside the kernel)",
-            **_block_facts(opts.block_size, blocks)}
+            **block_facts(opts.block_size, blocks)}
 
 
 def w8a16(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:
@@ -430,7 +430,7 @@ def quantizable_widths(graph, op_types=("MatMul", "Gather")) -> dict[str, int]:
     return out
 
 
-def _block_facts(block_size: int | None, blocks: dict[int, int]) -> dict:
+def block_facts(block_size: int | None, blocks: dict[int, int]) -> dict:
     """The manifest's record of the blocks: the option as given (``"auto"`` for None) and the weights per block."""
     return {"block_size": "auto" if block_size is None else block_size,
             "blocks": {str(b): n for b, n in blocks.items()}}

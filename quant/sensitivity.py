@@ -69,8 +69,9 @@ class _Layer:
     def bytes(self, level: str, block_size: int | None) -> float:
         k, n = self.shape
         if level == "int4":
-            blocks = math.ceil(k / recipes.block_for(k, block_size))
-            return blocks * recipes.block_for(k, block_size) * n / 2 + blocks * n * 4  # nibbles + fp32 block scales
+            block = recipes.block_for(k, block_size)
+            blocks = math.ceil(k / block)
+            return blocks * block * n / 2 + blocks * n * 4  # nibbles (K padded to whole blocks) + fp32 block scales
         if level == "int8":
             return k * n + n * 5  # bytes + fp32 scale and zero point per output channel
         return k * n * 4
@@ -90,7 +91,7 @@ def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dic
         scale, missed = 1.0, False
         while True:
             _promote(layers, plan, budget / scale, opts.block_size, force=missed)
-            _build(base, plan, dst, opts.block_size, opts.activations)
+            blocks = _build(base, plan, dst, opts.block_size, opts.activations)
             measured = worst_psnr(refs, outputs(dst, calibration))
             if measured >= opts.target_psnr or all(v == "fp32" for v in plan.values()):
                 break
@@ -104,7 +105,7 @@ def mixed(component: str, src: Path, dst: Path, calibration: Feeds, opts) -> dic
                        f"{opts.activations}) / fp32",
             "target_psnr": opts.target_psnr, "psnr_db": measured, "layer_counts": counts,
             "layers": {layer.label: plan[layer.node] for layer in layers},
-            "block_size": "auto" if opts.block_size is None else opts.block_size}
+            **recipes.block_facts(opts.block_size, blocks)}
 
 
 def _grade(base: Path, feeds: Feeds, refs: list[np.ndarray], block_size: int | None, tmp: Path,
@@ -146,25 +147,27 @@ def _promote(layers: list[_Layer], plan: dict[str, str], budget: np.ndarray, blo
         plan[best] = LEVELS[LEVELS.index(plan[best]) + 1]
 
 
-def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int | None, activations: str = "token") -> None:
+def _build(base: Path, plan: dict[str, str], dst: Path, block_size: int | None,
+           activations: str = "token") -> dict[int, int]:
     """The canonical model with each planned layer at its level: MatMulNBits / GatherBlockQuantized for int4,
     then ``quantize_dynamic`` for int8, its activations per token as the int8 recipe's
-    (:mod:`qwen_edge.quant.per_token`; ``activations="tensor"``: quantize_dynamic's own)."""
+    (:mod:`qwen_edge.quant.per_token`; ``activations="tensor"``: quantize_dynamic's own). Returns the int4
+    layers per block size (:func:`qwen_edge.quant.recipes.quantize_nbits`)."""
     onnx = require("onnx", "onnx")
     model = onnx.load(str(base))
     int4 = [n for n, level in plan.items() if level == "int4"]
     int8 = [n for n, level in plan.items() if level == "int8"]
-    if int4:
-        recipes.quantize_nbits(model, 4, block_size, nodes=int4)
+    blocks = recipes.quantize_nbits(model, 4, block_size, nodes=int4) if int4 else {}
     if not int8:
         recipes.save(model, dst)
-        return
+        return blocks
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, recipes.quiet():
         staged = Path(tmp) / "int4.onnx"
         recipes.save(model, staged)
         recipes.dynamic_int8(staged, dst, activations, op_types_to_quantize=["MatMul", "Gather"],
                              nodes_to_quantize=int8,
                              use_external_data_format=recipes.model_bytes(staged) > recipes.EXTERNAL_DATA_BYTES)
+    return blocks
 
 
 def _weight_layers(path: Path) -> list[_Layer]:

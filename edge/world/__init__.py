@@ -8,7 +8,7 @@ runtime and ``verify`` can use it.
 """
 
 from .draw import render
-from .judge import ATTRIBUTES, Result, detect, evaluate, evaluate_many
+from .judge import ATTRIBUTES, Result, detect, evaluate, evaluate_many, summarize
 from .prompt import caption, parse_prompt, prompts, scene_from_prompt, split_of
 from .scene import (
     BACKGROUNDS,
@@ -53,4 +53,5 @@ __all__ = [
     "sample_spec",
     "scene_from_prompt",
     "split_of",
+    "summarize",
 ]

@@ -76,7 +76,12 @@ def evaluate_many(images, prompts) -> dict:
         raise InputError(f"{len(images)} images but {len(prompts)} prompts")
     if not len(prompts):
         raise InputError("evaluate_many needs at least one image")
-    results = [evaluate(im, p) for im, p in zip(images, prompts)]
+    return summarize([evaluate(im, p) for im, p in zip(images, prompts)])
+
+
+def summarize(results) -> dict:
+    """:func:`evaluate_many`'s figures from :func:`evaluate` results already in hand (for callers that also keep
+    each prompt's verdict)."""
     summary = {a: float(np.mean([getattr(r, a) for r in results])) for a in (*ATTRIBUTES, "ok")}
     return {"n": len(results), **summary}
 
