@@ -9,7 +9,8 @@
 1. VAE ceiling: held-out scenes are encoded, Gaussian noise of ``eps`` latent std is added to the normalised
    latents, and the decodings are judged (``qwen_edge.world.evaluate_many``). At eps = 0 this is the best
    whole-prompt accuracy any transformer could reach through this VAE; how fast it falls with eps says how
-   fragile the latent space is to a sampler's errors.
+   fragile the latent space is to a sampler's errors. ``--vae-recipe JSON`` measures the same (and the PSNR) for a
+   VAE trained here with the recipe's seed and those ``VAERecipe`` fields (session 9, 200 prompts: see the README).
 2. Text sensitivity: the transformer's velocity on the same latent under prompts that differ by one word,
    as a fraction of its norm, at each student sigma. Near 0 means the conditioning path is ignored.
 3. Where along the trajectory the prompt is lost (``--trajectory``): each held-out scene's own latent, noised to
@@ -29,6 +30,7 @@
     python benchmarks/diagnose_default.py --model edge/assets/teacher --prompts 96 --trajectory
     python benchmarks/diagnose_default.py --model edge/assets/teacher --shapes --cfg 3
     python benchmarks/diagnose_default.py --model edge/assets/teacher --splits --cfg 3 --prompts 200
+    python benchmarks/diagnose_default.py --prompts 200 --vae-recipe '{"steps": 4800, "latent_noise": 0.2}'
 """
 
 from __future__ import annotations
@@ -77,9 +79,28 @@ def judge_tolerance(n: int) -> dict[str, dict]:
 def vae_ceiling(model: Path, n: int) -> dict[float, dict]:
     """Judged accuracy of decoded held-out latents with noise ``eps`` (in normalised-latent std) added."""
     enc, dec = load_vae_v2(model / "vae")
+    return _ceiling(enc, dec, dec.config.latents_mean, dec.config.latents_std, n)
+
+
+def vae_recipe_ceiling(overrides: dict, n: int) -> tuple[float, dict[float, dict]]:
+    """Step 1 for a VAE trained here from scratch: the recipe's seed, ``VAERecipe`` with ``overrides`` (e.g.
+    ``{"steps": 4800, "latent_noise": 0.2}``). Returns the held-out PSNR and the judged accuracy per ``eps``; the
+    latent statistics come from 1,024 training scenes (the recipe measures them over its 8,192)."""
+    from dataclasses import replace
+
+    from qwen_edge.train.data import psnr, train_scenes
+    from qwen_edge.train.vae import VAERecipe, latent_stats, reconstruct, train_vae
+
+    enc, dec = train_vae(replace(VAERecipe(), **overrides), seed=1)  # train_default's VAE seed (Recipe.seed + 1)
+    mean, std = latent_stats(encode_images(enc, train_scenes(np.random.default_rng(0), 1024)[0]))
+    images = heldout_images(heldout_prompts(n))
+    return psnr(images, reconstruct(enc, dec, images)), _ceiling(enc, dec, mean, std, n)
+
+
+def _ceiling(enc, dec, latents_mean, latents_std, n: int) -> dict[float, dict]:
     texts = heldout_prompts(n)
-    mean = torch.tensor(dec.config.latents_mean)[:, None, None]
-    std = torch.tensor(dec.config.latents_std)[:, None, None]
+    mean = torch.tensor(latents_mean)[:, None, None]
+    std = torch.tensor(latents_std)[:, None, None]
     z = (encode_images(enc, heldout_images(texts)) - mean) / std  # (N, C, h, w) normalised
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -169,8 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", action="store_true", help="only step 4: which shape is drawn for each shape word")
     p.add_argument("--splits", action="store_true", help="only step 5: training vs held-out prompts")
     p.add_argument("--cfg", type=float, default=1.0, help="--shapes, --splits: true CFG scale (the teacher's is 3)")
+    p.add_argument("--vae-recipe", type=json.loads, metavar="JSON",
+                   help='only step 1, for a VAE trained here with these VAERecipe fields, e.g. \'{"steps": 4800}\'')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.vae_recipe is not None:
+        from qwen_edge.train.vae import VAERecipe
+
+        unknown = set(args.vae_recipe) - set(VAERecipe.__dataclass_fields__)
+        if unknown:
+            p.error(f"--vae-recipe: unknown VAERecipe fields {sorted(unknown)}")
+        db, ceiling = vae_recipe_ceiling(args.vae_recipe, args.prompts)
+        print(f"VAE {args.vae_recipe}: {db:.2f} dB on {args.prompts} held-out scenes")
+        for eps, r in ceiling.items():
+            print(f"VAE, latent noise {eps}: " + ", ".join(f"{k} {v:.1%}" for k, v in r.items() if k != "n"))
+        return 0
     if args.shapes:
         confusion = shape_confusion(args.model, args.cfg)
         for word, found in confusion.items():

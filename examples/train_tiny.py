@@ -16,8 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from qwen_edge.train import Recipe, train_default
+from qwen_edge.train.vae import VAERecipe
 
 ASSETS = Path(__file__).resolve().parents[1] / "edge" / "assets"
+VAE = VAERecipe()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny schedules: checks the code path, not the quality")
     p.add_argument("--teacher-steps", type=int, help="override the teacher's optimiser steps (the recipe's default "
                    "fits the 60-minute budget on two cores)")
+    p.add_argument("--vae-steps", type=int, help=f"override the VAE's optimiser steps (default {VAE.steps:,}; the "
+                   f"last {VAE.full_steps} are on whole images)")
+    p.add_argument("--vae-latent-noise", type=float, help=f"override the std of the noise added to the VAE's latents "
+                   f"in training, relative to theirs (default {VAE.latent_noise})")
     p.add_argument("--heads", type=int, help="override the transformer's attention heads (width = heads x 32; the "
                    "recipe's default is 3)")
     p.add_argument("--cfg-dropout", type=float, help="share of teacher batches on the blank prompt (CFG training; "
@@ -40,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.smoke() if args.smoke else Recipe()
     if args.teacher_steps:
         recipe = replace(recipe, flow=replace(recipe.flow, steps=args.teacher_steps))
+    if args.vae_steps:
+        if args.vae_steps <= recipe.vae.full_steps:
+            print(f"train_tiny: error: --vae-steps must exceed the {recipe.vae.full_steps} whole-image steps",
+                  file=sys.stderr)
+            return 2
+        recipe = replace(recipe, vae=replace(recipe.vae, steps=args.vae_steps))
+    if args.vae_latent_noise is not None:
+        recipe = replace(recipe, vae=replace(recipe.vae, latent_noise=args.vae_latent_noise))
     if args.heads:
         recipe = replace(recipe, flow=replace(recipe.flow, heads=args.heads))
     if args.cfg_dropout is not None:

@@ -52,3 +52,18 @@ def test_guided_trajectories_reduce_to_unguided_when_cond_is_uncond():
     a = trajectories(te, tr, real, base, 4, seed=0)[0][1][-1]
     b = trajectories(te, tr, real, DistillRecipe(trajectories=4, batch=4, guidance=3.0), 4, seed=0)[0][1][-1]
     assert not np.allclose(a.numpy(), b.numpy(), atol=1e-3)
+
+
+def test_train_tiny_refuses_a_vae_run_without_crop_steps(capsys):
+    """``--vae-steps`` must leave room for the crop phase before the recipe's whole-image steps (one line, exit 2,
+    before anything trains)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--vae-steps", str(module.VAE.full_steps), "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--vae-steps must exceed" in err[0]
