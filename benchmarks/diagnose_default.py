@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_recipe is not None:
         from qwen_edge.train.vae import VAERecipe
 
+        if not isinstance(args.vae_recipe, dict):
+            p.error("--vae-recipe: expected a JSON object of VAERecipe fields")
         unknown = set(args.vae_recipe) - set(VAERecipe.__dataclass_fields__)
         if unknown:
             p.error(f"--vae-recipe: unknown VAERecipe fields {sorted(unknown)}")
