@@ -79,7 +79,8 @@ def judge_tolerance(n: int) -> dict[str, dict]:
 def vae_ceiling(model: Path, n: int) -> dict[float, dict]:
     """Judged accuracy of decoded held-out latents with noise ``eps`` (in normalised-latent std) added."""
     enc, dec = load_vae_v2(model / "vae")
-    return _ceiling(enc, dec, dec.config.latents_mean, dec.config.latents_std, n)
+    texts = heldout_prompts(n)
+    return _ceiling(enc, dec, dec.config.latents_mean, dec.config.latents_std, texts, heldout_images(texts))
 
 
 def vae_recipe_ceiling(overrides: dict, n: int) -> tuple[float, dict[float, dict]]:
@@ -93,15 +94,15 @@ def vae_recipe_ceiling(overrides: dict, n: int) -> tuple[float, dict[float, dict
 
     enc, dec = train_vae(replace(VAERecipe(), **overrides), seed=1)  # train_default's VAE seed (Recipe.seed + 1)
     mean, std = latent_stats(encode_images(enc, train_scenes(np.random.default_rng(0), 1024)[0]))
-    images = heldout_images(heldout_prompts(n))
-    return psnr(images, reconstruct(enc, dec, images)), _ceiling(enc, dec, mean, std, n)
-
-
-def _ceiling(enc, dec, latents_mean, latents_std, n: int) -> dict[float, dict]:
     texts = heldout_prompts(n)
+    images = heldout_images(texts)  # rendered once: the PSNR and the ceiling read the same scenes
+    return psnr(images, reconstruct(enc, dec, images)), _ceiling(enc, dec, mean, std, texts, images)
+
+
+def _ceiling(enc, dec, latents_mean, latents_std, texts: list[str], images: np.ndarray) -> dict[float, dict]:
     mean = torch.tensor(latents_mean)[:, None, None]
     std = torch.tensor(latents_std)[:, None, None]
-    z = (encode_images(enc, heldout_images(texts)) - mean) / std  # (N, C, h, w) normalised
+    z = (encode_images(enc, images) - mean) / std  # (N, C, h, w) normalised
     gen = torch.Generator().manual_seed(0)
     out = {}
     for eps in EPS:
