@@ -54,16 +54,37 @@ def test_guided_trajectories_reduce_to_unguided_when_cond_is_uncond():
     assert not np.allclose(a.numpy(), b.numpy(), atol=1e-3)
 
 
-def test_train_tiny_refuses_a_vae_run_without_crop_steps(capsys):
-    """``--vae-steps`` must leave room for the crop phase before the recipe's whole-image steps (one line, exit 2,
-    before anything trains)."""
+def _script(relative: str):
+    """A repository script (``examples/``, ``benchmarks/``) loaded as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_tiny.py"
-    spec = importlib.util.spec_from_file_location("train_tiny", path)
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_train_tiny_refuses_a_vae_run_without_crop_steps(capsys):
+    """``--vae-steps`` must leave room for the crop phase before the recipe's whole-image steps (one line, exit 2,
+    before anything trains)."""
+    module = _script("examples/train_tiny.py")
     assert module.main(["--vae-steps", str(module.VAE.full_steps), "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--vae-steps must exceed" in err[0]
+
+
+def test_diagnose_vae_ceiling_adds_noise_in_normalised_latent_std(monkeypatch):
+    """``diagnose_default.py``'s VAE ceiling of a checkpoint adds ``eps`` std of noise to the latents its decoder
+    takes (normalised: the checkpoint's encoder applies ``latents_mean`` / ``latents_std``). Until session 10 it
+    applied those statistics a second time, which scaled the noise by each channel's std."""
+    module = _script("benchmarks/diagnose_default.py")
+    seen = []
+    monkeypatch.setattr(module, "reconstruct_latents", lambda dec, z: seen.append(z) or [None] * len(z))
+    monkeypatch.setattr(module, "evaluate_many", lambda images, texts: {"ok": 0.0})  # only the latents are checked
+    module.vae_ceiling(default_model(), 8)
+    assert len(seen) == len(module.EPS) and module.EPS[0] == 0.0
+    clean = seen[0]
+    for eps, z in zip(module.EPS[1:], seen[1:]):
+        assert abs(float((z - clean).std()) / eps - 1) < 0.05, eps
