@@ -82,7 +82,7 @@ def vae_ceiling(model: Path, n: int) -> dict[float, dict]:
     A checkpoint's encoder already gives normalised latents (its config's ``latents_mean`` / ``latents_std``
     applied) and its decoder takes them, so the statistics here are the identity. Until session 10 this passed the
     config's statistics, normalising twice: the noise came out 0.4-5x too large per channel (the shipped VAE judged
-    20% / 1% at 0.3 / 0.5 instead of 93% / 90%)."""
+    20% / 1% at 0.3 / 0.5 instead of 92% / 90%)."""
     enc, dec = load_vae_v2(model / "vae")
     texts = heldout_prompts(n)
     z = dec.config.z_dim
