@@ -79,14 +79,12 @@ def judge_tolerance(n: int) -> dict[str, dict]:
 def vae_ceiling(model: Path, n: int) -> dict[float, dict]:
     """Judged accuracy of decoded held-out latents with noise ``eps`` (in normalised-latent std) added.
 
-    A checkpoint's encoder already gives normalised latents (its config's ``latents_mean`` / ``latents_std``
-    applied) and its decoder takes them, so the statistics here are the identity. Until session 10 this passed the
-    config's statistics, normalising twice: the noise came out 0.4-5x too large per channel (the shipped VAE judged
-    20% / 1% at 0.3 / 0.5 instead of 92% / 90%)."""
+    Until session 10 this normalised the checkpoint's latents a second time with its config's statistics (its
+    encoder already applies them), so the noise came out 0.4-5x too large per channel: the shipped VAE judged 20% /
+    1% at 0.3 / 0.5 instead of 92% / 90%."""
     enc, dec = load_vae_v2(model / "vae")
     texts = heldout_prompts(n)
-    z = dec.config.z_dim
-    return _ceiling(enc, dec, [0.0] * z, [1.0] * z, texts, heldout_images(texts))
+    return _ceiling(enc, dec, texts, heldout_images(texts))
 
 
 def vae_recipe_ceiling(overrides: dict, n: int) -> tuple[float, dict[float, dict]]:
@@ -96,24 +94,26 @@ def vae_recipe_ceiling(overrides: dict, n: int) -> tuple[float, dict[float, dict
     from dataclasses import replace
 
     from qwen_edge.train.data import psnr, train_scenes
+    from qwen_edge.train.recipe import with_stats
     from qwen_edge.train.vae import VAERecipe, latent_stats, reconstruct, train_vae
 
-    enc, dec = train_vae(replace(VAERecipe(), **overrides), seed=1)  # train_default's VAE seed (Recipe.seed + 1)
+    recipe = replace(VAERecipe(), **overrides)
+    enc, dec = train_vae(recipe, seed=1)  # train_default's VAE seed (Recipe.seed + 1)
     mean, std = latent_stats(encode_images(enc, train_scenes(np.random.default_rng(0), 1024)[0]))
+    enc, dec = with_stats(enc, dec, recipe, mean, std)  # as the recipe ships it: normalised latents
     texts = heldout_prompts(n)
     images = heldout_images(texts)  # rendered once: the PSNR and the ceiling read the same scenes
-    return psnr(images, reconstruct(enc, dec, images)), _ceiling(enc, dec, mean, std, texts, images)
+    return psnr(images, reconstruct(enc, dec, images)), _ceiling(enc, dec, texts, images)
 
 
-def _ceiling(enc, dec, latents_mean, latents_std, texts: list[str], images: np.ndarray) -> dict[float, dict]:
-    mean = torch.tensor(latents_mean)[:, None, None]
-    std = torch.tensor(latents_std)[:, None, None]
-    z = (encode_images(enc, images) - mean) / std  # (N, C, h, w) normalised
+def _ceiling(enc, dec, texts: list[str], images: np.ndarray) -> dict[float, dict]:
+    """``enc`` gives and ``dec`` takes normalised latents (statistics in their config, as a checkpoint's)."""
+    z = encode_images(enc, images)  # (N, C, h, w) normalised
     gen = torch.Generator().manual_seed(0)
     out = {}
     for eps in EPS:
         noisy = z + eps * torch.randn(z.shape, generator=gen)
-        out[eps] = evaluate_many(list(reconstruct_latents(dec, noisy * std + mean)), texts)
+        out[eps] = evaluate_many(list(reconstruct_latents(dec, noisy)), texts)
     return out
 
 

@@ -64,7 +64,7 @@ def train_default(assets: Path, recipe: Recipe = Recipe(), threads: int = 2) -> 
         with clock("latents"):
             z = encode_images(enc, images)  # (N, C, 8, 8)
             mean, std = latent_stats(z)
-            enc, dec = _with_stats(enc, dec, recipe.vae, mean, std)
+            enc, dec = with_stats(enc, dec, recipe.vae, mean, std)
             z = (z - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
         with clock("teacher"):
             te, teacher = train_flow(recipe.flow, z, ids, tok.vocab_size, recipe.seed + 2)
@@ -115,7 +115,7 @@ def measure(student: Path, teacher: Path, n_prompts: int = 200, vae=None, teache
             "student_ratio": acc["student, 4 steps"]["ok"] / teacher_ok if teacher_ok else float("nan")}
 
 
-def _with_stats(enc, dec, r: VAERecipe, mean, std):
+def with_stats(enc, dec, r: VAERecipe, mean, std):
     """Rebuild encoder/decoder with the measured latent statistics in their config (same weights)."""
     from ..vae_v2 import VAEV2Decoder, VAEV2Encoder
 
