@@ -80,7 +80,7 @@ def test_heldout_prompts_background_and_position(heldout_scores):
 
 
 @pytest.mark.xfail(strict=False, reason="issue 3 target not reached in the CPU budget: the shipped student scores "
-                                        "68% whole-prompt on held-out prompts (model card), the teacher 73.5%")
+                                        "69% whole-prompt on held-out prompts (model card), the teacher 73.5%")
 def test_heldout_prompts_score_well(heldout_scores):
     assert heldout_scores["ok"] >= 0.8
 

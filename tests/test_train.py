@@ -88,3 +88,68 @@ def test_diagnose_vae_ceiling_adds_noise_in_normalised_latent_std(monkeypatch):
     clean = seen[0]
     for eps, z in zip(module.EPS[1:], seen[1:]):
         assert abs(float((z - clean).std()) / eps - 1) < 0.05, eps
+
+
+def test_unrolled_student_loss_is_zero_on_its_own_rollout_and_grows_with_the_gap():
+    """``DistillRecipe.loss = "unrolled"``: the student's 4-step rollout from the trajectory's noise is compared
+    with the teacher's state at every student sigma. On states that ARE the student's own rollout the loss is 0;
+    moving the teacher's last state by d adds d^2 / ds^2 / steps (mean over elements)."""
+    from qwen_edge.train.distill import STUDENT_SIGMAS, _unrolled_loss
+    from qwen_edge.train.flow import LATENT_GRID
+
+    torch.manual_seed(0)
+    r = FlowRecipe(heads=2, head_dim=16, layers=1, text_hidden=32, text_layers=1)
+    tr = TransformerV2(transformer_config(4, r)).eval()
+    text = torch.randn(2, 5, 32)
+    cos, sin = tr.rope(5, LATENT_GRID, LATENT_GRID)
+    sig = torch.tensor((*STUDENT_SIGMAS, 0.0))
+    with torch.no_grad():
+        x, states = torch.randn(2, LATENT_GRID**2, 4), []
+        states.append(x)
+        for i in range(len(STUDENT_SIGMAS)):
+            x = x + float(sig[i + 1] - sig[i]) * tr(x, text, sig[i].expand(2), cos, sin)
+            states.append(x)
+        states = torch.stack(states)  # (5, B, N, C)
+        assert float(_unrolled_loss(tr, text, states, sig, cos, sin)) < 1e-10
+        moved = states.clone()
+        moved[-1] += 0.01
+        expected = 0.01**2 / float(sig[-1] - sig[-2]) ** 2 / len(STUDENT_SIGMAS)
+        np.testing.assert_allclose(float(_unrolled_loss(tr, text, moved, sig, cos, sin)), expected, rtol=1e-3)
+
+
+def test_distill_default_redistils_a_teacher_checkpoint(tmp_path):
+    """``train_tiny.py --from-teacher``: the shipped teacher is distilled again (a seconds-long schedule) into a
+    complete ``default`` checkpoint with the student's sigmas; the teacher's weights are copied unchanged, both
+    cards and ``training.json`` carry the new numbers and where the teacher came from."""
+    from dataclasses import replace
+
+    from qwen_edge.spec import default_model
+    from qwen_edge.train import Recipe, distill_default
+
+    teacher = default_model().parent / "teacher"
+    recipe = replace(Recipe(), eval_prompts=2, distill=replace(DistillRecipe(), trajectories=16, batch=8, steps=2))
+    numbers = distill_default(tmp_path, teacher, recipe, threads=1)
+    assert numbers["n_prompts"] == 2 and "student, 4 steps" in numbers["fidelity"]
+    spec = ModelSpec.from_checkpoint(tmp_path / "default")
+    assert list(spec.sample_sigmas) == [1.0, 0.75, 0.5, 0.25]
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (tmp_path / "teacher" / "transformer" / name).read_bytes() == (teacher / "transformer" / name).read_bytes()
+    assert (tmp_path / "default" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() != \
+        (teacher / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    import json
+
+    record = json.loads((tmp_path / "default" / "training.json").read_text())
+    assert record["from_teacher"] == str(teacher) and record["recipe"]["distill"]["loss"] == "unrolled"
+    assert set(record["timings_s"]) == {"data", "trajectories", "student", "eval"}
+    for name in ("default", "teacher"):
+        card = (tmp_path / name / "README.md").read_text()
+        assert "re-distilled from the teacher" in card and f"{numbers['vae_psnr']:.2f} dB" in card
+    Pipeline.from_pretrained(tmp_path / "default")  # loads as any checkpoint does
+
+
+def test_train_tiny_from_teacher_needs_a_checkpoint(capsys, tmp_path):
+    module = _script("examples/train_tiny.py")
+    assert module.main(["--from-teacher", str(tmp_path), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a checkpoint folder" in err[0]
+    assert not (tmp_path / "never").exists()

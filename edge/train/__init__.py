@@ -6,6 +6,6 @@ A tiny Qwen-Image 2.1 (qwen-edge's own modules at tiny width) learns the procedu
 checkpoints. Entry point: :func:`train_default` (``python examples/train_tiny.py``).
 """
 
-from .recipe import Recipe, measure, train_default
+from .recipe import Recipe, distill_default, measure, train_default
 
-__all__ = ["Recipe", "measure", "train_default"]
+__all__ = ["Recipe", "distill_default", "measure", "train_default"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -68,30 +69,79 @@ def train_default(assets: Path, recipe: Recipe = Recipe(), threads: int = 2) -> 
             z = (z - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
         with clock("teacher"):
             te, teacher = train_flow(recipe.flow, z, ids, tok.vocab_size, recipe.seed + 2)
-        with clock("trajectories"):
-            data = trajectories(te, teacher, ids, recipe.distill, z.shape[1], recipe.seed + 3)
-        with clock("student"):
-            student = train_student(teacher, data, recipe.distill, recipe.seed + 4)
-        facts = _facts(recipe, threads, te, teacher, dec)
-        staged = {
-            "teacher": write_checkpoint(work / "teacher", tokenizer_dir=tok.path, text_encoder=te,
-                                        transformer=teacher, vae=(enc, dec), sample_sigmas=None, card=""),
-            "default": write_checkpoint(work / "default", tokenizer_dir=tok.path, text_encoder=te,
-                                        transformer=student, vae=(enc, dec), sample_sigmas=list(STUDENT_SIGMAS),
-                                        card=""),
-        }
-        with clock("eval"):
-            numbers = measure(staged["default"], staged["teacher"], recipe.eval_prompts, vae=(enc, dec),
-                              teacher_cfg=recipe.distill.guidance)
-        facts["timings"] = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-        for name, folder in staged.items():
-            sigmas_note = f" ({list(STUDENT_SIGMAS)}, from model_index.json)" if name == "default" else \
-                f" (linspace(1, 1/{TEACHER_STEPS}, {TEACHER_STEPS}))"
-            (folder / "README.md").write_text(model_card(name, numbers, {**facts, "sigmas_note": sigmas_note}))
-            _publish(folder, assets / name)
+        staged = write_checkpoint(work / "teacher", tokenizer_dir=tok.path, text_encoder=te, transformer=teacher,
+                                  vae=(enc, dec), sample_sigmas=None, card="")
+        numbers = _distill(assets, work, recipe, threads, clock, te, teacher, (enc, dec), ids, staged)
     (assets / "default" / "training.json").write_text(json.dumps(
         {"recipe": asdict(recipe), "threads": threads, "timings_s": timings, "numbers": numbers}, indent=2))
     return numbers
+
+
+def distill_default(assets: Path, teacher: Path, recipe: Recipe = Recipe(), threads: int = 2) -> dict:
+    """Only the last stages of :func:`train_default`: distil the student again from an existing ``teacher``
+    checkpoint (one this recipe wrote: its VAE, text encoder, tokenizer and transformer are reused) with
+    ``recipe.distill`` and the recipe's seeds, measure, and write ``assets/default`` and ``assets/teacher`` (the
+    teacher's weights unchanged, its card re-measured). Given the same teacher, the student is the one a full run
+    of the recipe distils."""
+    from ..text_encoder import load_text_encoder
+    from ..transformer_v2 import load_transformer_v2
+    from ..vae_v2 import load_vae_v2
+
+    torch.set_num_threads(threads)
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    assets, teacher = Path(assets), Path(teacher)
+    before = _read_training(teacher.parent / "default" / "training.json")
+    assets.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=assets, prefix=".train-") as work:
+        work = Path(work)
+        with clock("data"):
+            staged = Path(shutil.copytree(teacher, work / "teacher"))
+            _, captions = train_scenes(np.random.default_rng(recipe.seed), recipe.scenes)
+            tokenizer = load_tokenizer(staged / "processor")
+            ids = PromptIds(tokenizer, template_for("qwen-image-2.1", staged / "processor", tokenizer), captions)
+            te = load_text_encoder(staged / "text_encoder", final_norm=False).eval()
+            tr = load_transformer_v2(staged / "transformer").eval()
+            vae = tuple(m.eval() for m in load_vae_v2(staged / "vae"))
+        numbers = _distill(assets, work, recipe, threads, clock, te, tr, vae, ids, staged,
+                           note=f"student re-distilled from the teacher at {teacher} (its stages not re-run)")
+    (assets / "default" / "training.json").write_text(json.dumps(
+        {"recipe": asdict(recipe), "threads": threads, "from_teacher": str(teacher), "timings_s": timings,
+         "numbers": numbers, "teacher_training": before}, indent=2))
+    return numbers
+
+
+def _distill(assets: Path, work: Path, recipe: Recipe, threads: int, clock: _Clock, te, teacher, vae, ids: PromptIds,
+             teacher_dir: Path, note: str = "") -> dict:
+    """Trajectories -> student -> staged checkpoints -> evaluation -> model cards -> published into ``assets``."""
+    with clock("trajectories"):
+        data = trajectories(te, teacher, ids, recipe.distill, teacher.config.in_channels, recipe.seed + 3)
+    with clock("student"):
+        student = train_student(teacher, data, recipe.distill, recipe.seed + 4)
+    facts = _facts(recipe, threads, te, teacher, vae[1])
+    staged = {
+        "teacher": teacher_dir,
+        "default": write_checkpoint(work / "default", tokenizer_dir=teacher_dir / "processor", text_encoder=te,
+                                    transformer=student, vae=vae, sample_sigmas=list(STUDENT_SIGMAS), card=""),
+    }
+    with clock("eval"):
+        numbers = measure(staged["default"], staged["teacher"], recipe.eval_prompts, vae=vae,
+                          teacher_cfg=recipe.distill.guidance)
+    facts["timings"] = ", ".join(f"{k} {v / 60:.1f} min" for k, v in clock.timings.items()) + (f" ({note})" if note
+                                                                                                else "")
+    for name, folder in staged.items():
+        sigmas_note = f" ({list(STUDENT_SIGMAS)}, from model_index.json)" if name == "default" else \
+            f" (linspace(1, 1/{TEACHER_STEPS}, {TEACHER_STEPS}))"
+        (folder / "README.md").write_text(model_card(name, numbers, {**facts, "sigmas_note": sigmas_note}))
+        _publish(folder, assets / name)
+    return numbers
+
+
+def _read_training(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def measure(student: Path, teacher: Path, n_prompts: int = 200, vae=None, teacher_cfg: float = 1.0) -> dict:
@@ -141,8 +191,6 @@ def _facts(recipe: Recipe, threads: int, te, tr, dec) -> dict:
 
 def _publish(staged: Path, final: Path) -> None:
     """Replace ``final`` by ``staged`` with renames only (the old one moves aside, then goes)."""
-    import shutil
-
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -155,7 +203,7 @@ class _Clock:
     """``with clock("stage"):`` records the stage's wall time in seconds."""
 
     def __init__(self, timings: dict):
-        self.timings = timings
+        self.timings = timings  # stage -> seconds
 
     def __call__(self, name: str):
         self.name = name
