@@ -8,7 +8,8 @@ trained so that its Euler steps make the same jumps. ``DistillRecipe.loss``:
 - ``"unrolled"`` (the recipe's, since session 11): the student samples all its steps from the trajectory's noise,
   with gradients through the whole rollout, and each state it reaches is matched to the teacher's at that sigma:
   the student learns from its own states, as it will sample, so an early step's error is corrected by the later
-  ones instead of compounding (over 1,000 held-out prompts: 67.5% vs 63.2% for ``"step"``, same teacher);
+  ones instead of compounding (the shipped student over 1,000 held-out prompts: 67.7% vs 63.2% for ``"step"``,
+  same teacher; ``benchmarks/eval_default.py --prompts 1000``);
 - ``"step"``: each step alone, from the teacher's state:
   ``v*(x(s_i), s_i) = (x(s_{i+1}) - x(s_i)) / (s_{i+1} - s_i)``.
 
@@ -42,7 +43,7 @@ class DistillRecipe:
     """How many teacher trajectories, and the student's schedule."""
 
     trajectories: int = 2048  # session 5: 768 / 300 gave a student at 77% of its teacher, 2,048 / 1,000 at 91%
-    steps: int = 500  # an "unrolled" step runs the student 4 times: 500 cost about what 1,000 "step" steps did x 2
+    steps: int = 500  # an "unrolled" step runs the student 4 times: 500 take ~2x the time of 1,000 "step" steps
     loss: str = "unrolled"  # or "step" (sessions 3-10; 1,000 steps)
     batch: int = 32
     lr: float = 3e-4

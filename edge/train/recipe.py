@@ -91,7 +91,9 @@ def distill_default(assets: Path, teacher: Path, recipe: Recipe = Recipe(), thre
     timings: dict[str, float] = {}
     clock = _Clock(timings)
     assets, teacher = Path(assets), Path(teacher)
-    before = _read_training(teacher.parent / "default" / "training.json")
+    before = _read_training(teacher.parent / "default" / "training.json")  # the run that trained the teacher
+    if before and "teacher_training" in before:  # itself a re-distillation: keep the original record
+        before = before["teacher_training"]
     assets.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=assets, prefix=".train-") as work:
         work = Path(work)
@@ -104,7 +106,7 @@ def distill_default(assets: Path, teacher: Path, recipe: Recipe = Recipe(), thre
             tr = load_transformer_v2(staged / "transformer").eval()
             vae = tuple(m.eval() for m in load_vae_v2(staged / "vae"))
         numbers = _distill(assets, work, recipe, threads, clock, te, tr, vae, ids, staged,
-                           note=f"student re-distilled from the teacher at {teacher} (its stages not re-run)")
+                           note=f"student re-distilled from the teacher at {teacher}; its stages not re-run")
     (assets / "default" / "training.json").write_text(json.dumps(
         {"recipe": asdict(recipe), "threads": threads, "from_teacher": str(teacher), "timings_s": timings,
          "numbers": numbers, "teacher_training": before}, indent=2))
@@ -127,8 +129,9 @@ def _distill(assets: Path, work: Path, recipe: Recipe, threads: int, clock: _Clo
     with clock("eval"):
         numbers = measure(staged["default"], staged["teacher"], recipe.eval_prompts, vae=vae,
                           teacher_cfg=recipe.distill.guidance)
-    facts["timings"] = ", ".join(f"{k} {v / 60:.1f} min" for k, v in clock.timings.items()) + (f" ({note})" if note
-                                                                                                else "")
+    facts["timings"] = ", ".join(f"{k} {v / 60:.1f} min" for k, v in clock.timings.items())
+    if note:
+        facts["timings"] += f" ({note})"
     for name, folder in staged.items():
         sigmas_note = f" ({list(STUDENT_SIGMAS)}, from model_index.json)" if name == "default" else \
             f" (linspace(1, 1/{TEACHER_STEPS}, {TEACHER_STEPS}))"
