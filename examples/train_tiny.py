@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_tiny: error: {args.from_teacher} is not a checkpoint folder (no model_index.json)",
               file=sys.stderr)
         return 2
+    trained = [f"--{k.replace('_', '-')}" for k in ("teacher_steps", "vae_steps", "vae_latent_noise", "heads",
+                                                    "cfg_dropout", "sigma_shift") if getattr(args, k) is not None]
+    if args.from_teacher and trained:
+        print(f"train_tiny: error: {', '.join(trained)} shape(s) the VAE or teacher, which --from-teacher reuses",
+              file=sys.stderr)
+        return 2
     recipe = Recipe.smoke() if args.smoke else Recipe()
     if args.teacher_steps:
         recipe = replace(recipe, flow=replace(recipe.flow, steps=args.teacher_steps))

@@ -4,6 +4,8 @@ ones when the prompt is the blank prompt itself (cond == uncond)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -136,8 +138,6 @@ def test_distill_default_redistils_a_teacher_checkpoint(tmp_path):
         assert (tmp_path / "teacher" / "transformer" / name).read_bytes() == (teacher / "transformer" / name).read_bytes()
     assert (tmp_path / "default" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() != \
         (teacher / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    import json
-
     record = json.loads((tmp_path / "default" / "training.json").read_text())
     assert record["from_teacher"] == str(teacher) and record["recipe"]["distill"]["loss"] == "unrolled"
     assert set(record["timings_s"]) == {"data", "trajectories", "student", "eval"}
@@ -152,4 +152,9 @@ def test_train_tiny_from_teacher_needs_a_checkpoint(capsys, tmp_path):
     assert module.main(["--from-teacher", str(tmp_path), "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a checkpoint folder" in err[0]
+    assert not (tmp_path / "never").exists()
+    teacher = str(module.ASSETS / "teacher")
+    assert module.main(["--from-teacher", teacher, "--teacher-steps", "10", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher-steps" in err[0] and "--from-teacher reuses" in err[0]
     assert not (tmp_path / "never").exists()
