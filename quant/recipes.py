@@ -13,7 +13,8 @@ the model is large), the facts a JSON-ready dict for the bundle manifest. No qua
   per token instead of one per tensor (:mod:`qwen_edge.quant.per_token`; ``Options.activations``). Convolutions:
   ORT's dynamic ``ConvInteger`` is ~5x *slower* than its fp32 Conv on x86, so with calibration feeds the convolutions
   are quantized statically instead (QDQ, uint8 activations, per-channel int8 weights: ORT fuses them into
-  ``QLinearConv``, ~1.7x faster than fp32 on the VAE decoder), and without calibration they stay fp32.
+  ``QLinearConv``), except the thin ones (fewer than 16 output channels, :func:`thin_convs`), where ORT's
+  QLinearConv loses to fp32; without calibration they all stay fp32.
 - ``int4``: ``MatMulNBitsQuantizer``: block-wise symmetric 4-bit weights (block 32/64/128; by default per weight
   the largest of 64 and 32 that divides its K, :func:`block_for`) with int8
   activations inside ``MatMulNBits`` (accuracy level 4), embedding tables as ``GatherBlockQuantized``. The
@@ -172,8 +173,12 @@ def int8(component: str, src: Path, dst: Path, calibration, opts: Options) -> di
         staged = src
         if calibration and has_op(src, "Conv"):
             staged = Path(tmp) / "convs.onnx"
-            _static_convs(src, staged, calibration, q)
+            thin = thin_convs(src)
+            _static_convs(src, staged, calibration, q, exclude=thin)
             facts["convolutions"] = "QDQ static: uint8 calibrated activations, int8 per-channel weights (QLinearConv)"
+            if thin:
+                facts["convolutions_fp32"] = {"nodes": thin, "why": f"fewer than {THIN_CONV} output channels: "
+                                              "ORT's QLinearConv is slower than its fp32 Conv there"}
         elif has_op(src, "Conv"):
             facts["convolutions"] = "float32 (ConvInteger is slower than fp32 Conv on CPU; pass calibration feeds)"
         kept = boundary_layers(src)
@@ -248,13 +253,34 @@ def boundary_nodes(graph, weights: set[str]) -> list[str]:
     return first + [n for n in last if n not in first]
 
 
-def _static_convs(src: Path, dst: Path, calibration, q) -> None:
+THIN_CONV = 16  # output channels below which a convolution stays fp32 in the int8 recipe (thin_convs)
+
+
+def thin_convs(path: Path) -> list[str]:
+    """Names of the convolutions with fewer than :data:`THIN_CONV` output channels: the int8 recipe keeps them fp32.
+
+    Why: ORT's ``QLinearConv`` (NHWC, uint8) computes a few output channels per pixel slower than its fp32 Conv
+    (NCHWc) does, and pays a quantize, a dequantize and layout transposes around them at full resolution. On the
+    embedded default's decoder the last stage (8 and 4 channels at 128x128) took 0.85-1.23 ms per conv in int8 vs
+    0.35-0.79 ms in fp32, and keeping its six convolutions fp32 (5.6 K weights) made the int8 decoder 0.91x the fp32
+    one's time instead of 1.07x and raised its parity with torch from 38.8 to 44.4 dB (scratch A/B, session 12's
+    Xeon, one thread). On a full-size VAE only the output convolution (4 channels) is this thin.
+    """
+    onnx = require("onnx", "onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {t.name: t.dims for t in graph.initializer}
+    return [n.name for n in graph.node
+            if n.op_type == "Conv" and len(shapes.get(n.input[1], ())) == 4 and shapes[n.input[1]][0] < THIN_CONV]
+
+
+def _static_convs(src: Path, dst: Path, calibration, q, exclude: list[str] | None = None) -> None:
     from .calibrate import reader
 
     with quiet():
         q.quantize_static(str(src), str(dst), reader(calibration), quant_format=q.QuantFormat.QDQ,
                           op_types_to_quantize=["Conv"], per_channel=True, activation_type=q.QuantType.QUInt8,
-                          weight_type=q.QuantType.QInt8, use_external_data_format=_large(src))
+                          weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude or [],
+                          use_external_data_format=_large(src))
 
 
 def int4(component: str, src: Path, dst: Path, calibration, opts: Options) -> dict:

@@ -213,9 +213,22 @@ def test_int8_text_encoder_quantizes_the_embedding(v1):
 
 
 def test_int8_vae_convolutions_static_when_calibrated(v1, tmp_path):
+    import onnx
+
     dst, facts = _q(v1, "vae_decoder", "int8")
     assert facts["psnr_db"] >= 30 and "QLinearConv" in facts["convolutions"]
     assert "QLinearConv" in _optimized_ops(dst, tmp_path)
+    # the thin convolutions (here only the output one, 3 channels) stay fp32: their weights are not quantized
+    src = onnx.load(str(v1.paths["vae_decoder"]), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in src.initializer}
+    convs = [n for n in src.node if n.op_type == "Conv"]
+    thin = [n.name for n in convs if dims[n.input[1]][0] < recipes.THIN_CONV]
+    assert thin == [convs[-1].name] and facts["convolutions_fp32"]["nodes"] == thin
+    out = onnx.load(str(dst), load_external_data=False).graph
+    weight_of = {n.name: n.input[1] for n in out.node if n.op_type == "Conv"}
+    float_weights = {t.name for t in out.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert weight_of[thin[0]] in float_weights  # fed by its fp32 weight, not a DequantizeLinear
+    assert all(weight_of[n.name] not in float_weights for n in convs[:-1])
     dst, facts = _q(v1, "vae_decoder", "int8", calibration=None)  # dynamic ConvInteger would be slower than fp32
     assert "float32" in facts["convolutions"] and facts["ops"].get("ConvInteger", 0) == 0
 
