@@ -176,7 +176,8 @@ def _image(pipe, req) -> np.ndarray:
 
 
 def quality(pipes: dict, n: int) -> dict:
-    """Per pipeline: PSNR vs torch fp32 (mean, worst) and evaluate_many's accuracy over n held-out prompts."""
+    """Per pipeline: PSNR vs torch fp32 (mean, worst and which prompt, every prompt's) and evaluate_many's accuracy
+    over n held-out prompts."""
     from qwen_edge.export.onnx import image_psnr
     from qwen_edge.pipeline import Request
     from qwen_edge.train.evaluate import heldout_prompts
@@ -195,7 +196,10 @@ def quality(pipes: dict, n: int) -> dict:
         out[name] = {"accuracy": acc["ok"], "attributes": acc, "ok_per_prompt": [int(r.ok) for r in results]}
         if name != TORCH:
             psnrs = [image_psnr(a, b) for a, b in zip(imgs, images[TORCH])]
-            out[name].update(psnr_mean=float(np.mean(psnrs)), psnr_min=float(min(psnrs)))
+            worst = int(np.argmin(psnrs))
+            out[name].update(psnr_mean=float(np.mean(psnrs)), psnr_min=float(psnrs[worst]),
+                             psnr_worst_prompt={"index": worst, "seed": worst, "prompt": texts[worst]},
+                             psnr_per_prompt=[round(float(x), 2) for x in psnrs])
     return out
 
 
