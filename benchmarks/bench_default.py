@@ -198,7 +198,7 @@ def quality(pipes: dict, n: int) -> dict:
             psnrs = [image_psnr(a, b) for a, b in zip(imgs, images[TORCH])]
             worst = int(np.argmin(psnrs))
             out[name].update(psnr_mean=float(np.mean(psnrs)), psnr_min=float(psnrs[worst]),
-                             psnr_worst_prompt={"index": worst, "seed": worst, "prompt": texts[worst]},
+                             psnr_worst_prompt={"index": worst, "prompt": texts[worst]},  # seed = index
                              psnr_per_prompt=[round(float(x), 2) for x in psnrs])
     return out
 
