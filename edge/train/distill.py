@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .optim import warmup_cosine
+from .optim import adamw, clip, warmup_cosine
 
 from ..text_encoder import TextEncoder
 from ..transformer_v2 import TransformerV2
@@ -99,7 +99,8 @@ def train_student(teacher: TransformerV2, data: list[tuple[torch.Tensor, torch.T
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=r.lr, weight_decay=0.0)
+    params = list(student.parameters())
+    opt = adamw(params, lr=r.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, r.steps, warmup=0.0)
     sig = torch.tensor((*STUDENT_SIGMAS, 0.0))
     bar = tqdm(range(r.steps), desc="student", unit="step")
@@ -112,7 +113,7 @@ def train_student(teacher: TransformerV2, data: list[tuple[torch.Tensor, torch.T
             loss = _step_loss(student, text, states, sig, cos, sin, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        clip(params)
         opt.step()
         sched.step()
         if step % 20 == 0:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .optim import warmup_cosine
+from .optim import adamw, clip, ema_update, warmup_cosine
 
 from ..prompt import PromptTemplate
 from ..text_encoder import TextEncoder, TextEncoderConfig
@@ -127,7 +127,7 @@ def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_s
     _init(te, tr)
     ema = [copy.deepcopy(te).eval().requires_grad_(False), copy.deepcopy(tr).eval().requires_grad_(False)]
     params = [*te.parameters(), *tr.parameters()]
-    opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = adamw(params, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = warmup_cosine(opt, r.steps)
     bar = tqdm(range(r.steps), desc="teacher", unit="step")
     for step in bar:
@@ -138,10 +138,10 @@ def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_s
         loss = flow_loss(te, tr, x0, ids, prompts.drop, gen, r.sigma_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip(params)
         opt.step()
         sched.step()
-        _ema_update(ema, (te, tr), min(r.ema, (1 + step) / (10 + step)))
+        ema_update(ema, [te, tr], min(r.ema, (1 + step) / (10 + step)))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema[0], ema[1]
@@ -165,9 +165,3 @@ def _init(te: TextEncoder, tr: TransformerV2) -> None:
     torch.nn.init.zeros_(tr.proj_out.weight)
     tr.txt_in.text_norm.weight.data.zero_()
 
-
-@torch.no_grad()
-def _ema_update(ema, live, decay: float) -> None:
-    for e, m in zip(ema, live):
-        for pe, pm in zip(e.parameters(), m.parameters()):
-            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .optim import warmup_cosine
+from .optim import adamw, clip, warmup_cosine
 
 from ..vae_v2 import VAEV2Config, VAEV2Decoder, VAEV2Encoder
 from .data import psnr, to_rgba, train_scenes
@@ -62,7 +62,7 @@ def train_vae(r: VAERecipe, seed: int) -> tuple[VAEV2Encoder, VAEV2Decoder]:
     enc = VAEV2Encoder(cfg).to(memory_format=torch.channels_last)
     dec = VAEV2Decoder(cfg).to(memory_format=torch.channels_last)
     params = [*enc.parameters(), *dec.parameters()]
-    opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.0)
+    opt = adamw(params, lr=r.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, r.steps)
     bar = tqdm(range(r.steps), desc="vae", unit="step")
     for step in bar:
@@ -79,7 +79,7 @@ def train_vae(r: VAERecipe, seed: int) -> tuple[VAEV2Encoder, VAEV2Decoder]:
         loss = recon_loss(y, x, r.edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip(params)
         opt.step()
         sched.step()
         if step % 20 == 0:
