@@ -197,3 +197,18 @@ def test_fused_optimiser_clip_and_ema_match_the_per_tensor_forms():
     np.testing.assert_allclose(n_fast, n_ref, rtol=1e-4)
     torch.testing.assert_close(w_fast, w_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(e_fast, e_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_train_step_times_every_stage_in_both_forms(tmp_path):
+    """``benchmarks/bench_train_step.py`` runs one step of each recipe stage per optimiser form and projects the
+    recipe's minutes from the stage's step count (the figures themselves are the benchmark's, not asserted)."""
+    module = _script("benchmarks/bench_train_step.py")
+    out = tmp_path / "steps.json"
+    module.main(["--threads", "1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["stages"]) == {"vae (crops)", "vae (whole images)", "teacher", "student (unrolled)"}
+    for row in report["stages"].values():
+        for form in ("per-tensor", "fused"):
+            assert row[form]["median_ms"] > 0
+            assert abs(row[form]["recipe_min"] - row[form]["median_ms"] * row["recipe_steps"] / 60000) < 1e-9
+    assert report["stages"]["teacher"]["recipe_steps"] == FlowRecipe().steps

@@ -37,7 +37,8 @@ class FlowRecipe:
     text_hidden: int = 64
     text_layers: int = 2
     # 45.5 min on a 2-core EPYC at 2 threads (0.165 s/step in session 10; 0.14 in session 7), 39.6 min on session
-    # 12's 2-core Xeon (0.144 s/step; the whole recipe 63.0 min there); 18,000 in sessions 7-9,
+    # 12's 2-core Xeon (0.144 s/step; the whole recipe 63.0 min there), 50.6 min in session 13 on the same kind of
+    # host (0.184 s/step with the fused optimiser: the hosts' speed moves by a third); 18,000 in sessions 7-9,
     # when the VAE took 3.6 min instead of 7.8; 10,000 until session 7 (1 thread)
     steps: int = 16500
     batch: int = 32  # small batches, many steps: what a CPU budget buys the most learning with
