@@ -190,7 +190,8 @@ def test_fused_optimiser_clip_and_ema_match_the_per_tensor_forms():
                 with torch.no_grad():
                     for pe, pm in zip(ema[0].parameters(), tr.parameters()):
                         pe.mul_(0.9).add_(pm, alpha=0.1)
-        return norms, torch.cat([p.flatten() for p in tr.parameters()]), torch.cat([p.flatten() for p in ema[0].parameters()])
+        flat = [torch.cat([p.flatten() for p in m.parameters()]) for m in (tr, ema[0])]
+        return norms, *flat
 
     (n_fast, w_fast, e_fast), (n_ref, w_ref, e_ref) = run(True), run(False)
     assert max(n_ref) > 1.0  # the clip was active

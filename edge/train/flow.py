@@ -165,4 +165,3 @@ def _init(te: TextEncoder, tr: TransformerV2) -> None:
     prediction is 0, and the zero-centred text norm at scale 1 (stored scale - 1 = 0)."""
     torch.nn.init.zeros_(tr.proj_out.weight)
     tr.txt_in.text_norm.weight.data.zero_()
-
