@@ -17,16 +17,15 @@ import argparse
 import copy
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qwen_edge.prompt import load_tokenizer, template_for
+from qwen_edge.prompt import load_tokenizer
+from qwen_edge.spec import ModelSpec, default_model
 from qwen_edge.text_encoder import TextEncoder
-from qwen_edge.train.checkpoint import write_tokenizer
 from qwen_edge.train.data import to_rgba, train_scenes
 from qwen_edge.train.distill import STUDENT_SIGMAS, _unrolled_loss
 from qwen_edge.train.flow import LATENT_GRID, PromptIds, flow_loss, pack, text_encoder_config, transformer_config
@@ -128,16 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     recipe = Recipe()
-    _, captions = train_scenes(np.random.default_rng(0), 2048)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = write_tokenizer(Path(tmp) / "processor", captions)
-        tokenizer = load_tokenizer(tok.path)
-        ids = PromptIds(tokenizer, template_for("qwen-image-2.1", tok.path, tokenizer), captions)
+    spec = ModelSpec.from_checkpoint(default_model())  # the shipped tokenizer: a step's cost is the same
+    tokenizer = load_tokenizer(spec.tokenizer_dir)
+    ids = PromptIds(tokenizer, spec.template, train_scenes(np.random.default_rng(0), 2048)[1])
     v = recipe.vae
     stages = {  # name -> (factory, the recipe's step count)
         "vae (crops)": (vae_stage(recipe, full=False), v.steps - v.full_steps),
         "vae (whole images)": (vae_stage(recipe, full=True), v.full_steps),
-        "teacher": (teacher_stage(recipe, ids, tok.vocab_size), recipe.flow.steps),
+        "teacher": (teacher_stage(recipe, ids, tokenizer.get_vocab_size()), recipe.flow.steps),
         "student (unrolled)": (student_stage(recipe), recipe.distill.steps),
     }
     out = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "stages": {}}
