@@ -108,7 +108,7 @@ def _measure_in_child(job: dict) -> dict:
         for _ in pipe.generate(req):
             marks.setdefault("first_step", time.time() - job["t0"])
         mark("image")
-    return {"marks": marks, "peak_rss_mb": peak_rss_mb()}
+    return {"marks": marks, "peak_rss_mb": peak_rss_mb(), "file_rss_mb": file_rss_mb()}
 
 
 def _baseline(bundle: str) -> tuple:
@@ -121,19 +121,23 @@ def _baseline(bundle: str) -> tuple:
     return b, Pipeline(ModelSpec.from_bundle(b.manifest, b.root), None)
 
 
-def component_rss(bundle, feeds: dict, threads: int, cache: str | None = None) -> dict:
+def component_rss(bundle, feeds: dict, threads: int, cache: str | None = None,
+                  file_mb: dict | None = None) -> dict:
     """Peak RSS (MB) of a fresh process running each graph alone on its feed (a low-memory runtime holding only
     that session), and of the ``baseline`` process (imports, the bundle read, no session). ``feeds``: graph
-    name -> feed, as :func:`latency_feeds` records them."""
-    out = {}
+    name -> feed, as :func:`latency_feeds` records them. ``file_mb``: a dict to fill with each process's
+    file-backed RSS at its end (:func:`file_rss_mb`)."""
+    out, file_mb = {}, {} if file_mb is None else file_mb
     with tempfile.TemporaryDirectory(prefix="qwen-edge-rss.") as tmp:
         job = {"runtime": "onnx", "bundle": str(bundle), "device": "cpu", "threads": threads,
                "cache": cache or str(Path(tmp) / "ort")}
-        out["baseline"] = run_child({**job, "mode": "baseline"})["peak_rss_mb"]
+        result = run_child({**job, "mode": "baseline"})
+        out["baseline"], file_mb["baseline"] = result["peak_rss_mb"], result["file_rss_mb"]
         for name, feed in feeds.items():
             path = Path(tmp) / f"{name}.npz"
             np.savez(path, **feed)
-            out[name] = run_child({**job, "mode": "component", "component": name, "feed": str(path)})["peak_rss_mb"]
+            result = run_child({**job, "mode": "component", "component": name, "feed": str(path)})
+            out[name], file_mb[name] = result["peak_rss_mb"], result["file_rss_mb"]
     return out
 
 
@@ -155,6 +159,16 @@ def latency_feeds(bundle, threads: int | None = None, prompt: str = PROMPT, seed
     for _ in pipe.generate(Request(prompt, height=m.height, width=m.width, steps=m.sampler.steps, seed=seed)):
         pass
     return feeds
+
+
+def file_rss_mb() -> float | None:
+    """This process's file-backed resident memory now (RssFile: mapped library code and data, clean pages the
+    kernel can drop and re-read), MB; None where /proc does not report it."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return int(next(line for line in f if line.startswith("RssFile")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
 
 
 def peak_rss_mb() -> float:

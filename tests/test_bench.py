@@ -175,3 +175,15 @@ def test_cli_bad_input(bundle21, tmp_path, capsys):
                     "cpu only")
     _one_line_error(capsys, 2, main(["bench", "--bundle", str(bundle21), "--model", str(tmp_path)]), "--runtime torch")
     _one_line_error(capsys, 2, main(["bench"]), "--bundle")
+
+
+def test_component_rss_reports_each_process_file_backed_pages(bundle21):
+    from qwen_edge.fresh_process import component_rss, file_rss_mb, latency_feeds, peak_rss_mb
+
+    here = file_rss_mb()
+    assert here is None or 0 < here < peak_rss_mb()  # None only where /proc lacks RssFile
+    files = {}
+    feeds = latency_feeds(bundle21, threads=1)
+    peaks = component_rss(bundle21, {"text_kv": feeds["text_kv"]}, threads=1, file_mb=files)
+    assert set(peaks) == set(files) == {"baseline", "text_kv"}
+    assert all(0 < files[k] < peaks[k] for k in peaks) and peaks["baseline"] <= peaks["text_kv"]
