@@ -161,23 +161,27 @@ def latency_feeds(bundle, threads: int | None = None, prompt: str = PROMPT, seed
     return feeds
 
 
-def file_rss_mb() -> float | None:
-    """This process's file-backed resident memory now (RssFile: mapped library code and data, clean pages the
-    kernel can drop and re-read), MB; None where /proc does not report it."""
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status in MB; None where /proc does not report it."""
     try:
         with open("/proc/self/status", encoding="utf-8") as f:
-            return int(next(line for line in f if line.startswith("RssFile")).split()[1]) / 1024
+            return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
     except (OSError, StopIteration):
         return None
 
 
+def file_rss_mb() -> float | None:
+    """This process's file-backed resident memory now (RssFile: mapped library code and data, clean pages the
+    kernel can drop and re-read), MB; None where /proc does not report it."""
+    return _proc_status_mb("RssFile")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size: VmHWM on Linux (reset by exec, unlike ru_maxrss), else ru_maxrss."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
-    except (OSError, StopIteration):
+    peak = _proc_status_mb("VmHWM")
+    if peak is None:
         import resource
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KB elsewhere
+        peak = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KB elsewhere
+    return peak
