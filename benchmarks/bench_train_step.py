@@ -3,12 +3,14 @@
     python benchmarks/bench_train_step.py [--threads 2] [--rounds 5] [--steps 20]
 
 Times one optimiser step of each stage of ``examples/train_tiny.py`` — the VAE on crops and on whole images, the
-teacher (flow matching), the student (unrolled distillation) — with the recipe's shapes and batch sizes, in two
-forms, alternating round by round on the same models: ``per-tensor`` (``torch.optim.AdamW``, ``clip_grad_norm_``
-and the EMA as per-parameter loops, the recipe until session 13) and ``fused`` (``qwen_edge.train.optim``: fused
-AdamW, foreach clipping and EMA, the recipe now). Prints the median ms per step of each and the minutes the
-recipe's step counts take at that rate (the stages' training loops only: data, latents, trajectories and eval are
-not included). Weights are random (a step's cost does not depend on them); the scenes are the world's.
+teacher (flow matching), the student (unrolled distillation) — with the recipe's shapes and batch sizes, in each
+optimiser form, alternating round by round on the same models: ``per-tensor`` (``torch.optim.AdamW``,
+``clip_grad_norm_`` and the EMA as per-parameter loops, the recipe until session 13), ``fused``
+(``qwen_edge.train.optim``: fused AdamW, foreach clipping and EMA, the VAE's and the student's form now) and, for
+the teacher, ``muon`` (``train.optim.Hybrid``: Muon on the hidden matrices, the teacher's form since session 15).
+Prints the median ms per step of each and the minutes the recipe's step counts take at that rate (the stages'
+training loops only: data, latents, trajectories and eval are not included). Weights are random (a step's cost
+does not depend on them); the scenes are the world's.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from qwen_edge.spec import ModelSpec, default_model
 from qwen_edge.text_encoder import TextEncoder
 from qwen_edge.train.data import to_rgba, train_scenes
 from qwen_edge.train.distill import STUDENT_SIGMAS, _unrolled_loss
-from qwen_edge.train.flow import LATENT_GRID, PromptIds, flow_loss, pack, text_encoder_config, transformer_config
-from qwen_edge.train.optim import adamw, clip, ema_update
+from qwen_edge.train.flow import ADAMW_ONLY, LATENT_GRID, PromptIds, flow_loss, pack, text_encoder_config, transformer_config
+from qwen_edge.train.optim import Hybrid, adamw, clip, ema_update
 from qwen_edge.train.recipe import Recipe
 from qwen_edge.train.vae import _crops, recon_loss, vae_config
 from qwen_edge.transformer_v2 import TransformerV2
@@ -37,15 +39,21 @@ from qwen_edge.vae_v2 import VAEV2Decoder, VAEV2Encoder
 
 
 class Form:
-    """The optimiser, clipping and EMA of one form over ``params``."""
+    """The optimiser, clipping and EMA of one form (``per-tensor``, ``fused`` or ``muon``) over ``named``
+    parameters."""
 
-    def __init__(self, fused: bool, params, lr: float, weight_decay: float, betas=(0.9, 0.999)):
-        self.fused, self.params = fused, list(params)
-        self.opt = (adamw(self.params, lr, weight_decay, betas) if fused else
-                    torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=False))
+    def __init__(self, form: str, named, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+        named = list(named)
+        self.fused, self.params = form != "per-tensor", [p for _, p in named]
+        if form == "muon":
+            self.opt = Hybrid(named, lr, weight_decay, steps=10**6, adamw_only=ADAMW_ONLY, betas=betas)
+        elif form == "fused":
+            self.opt = adamw(self.params, lr, weight_decay, betas)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=False)
 
     def step(self, loss: torch.Tensor, ema=None, live=None) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
         if self.fused:
             clip(self.params)
@@ -69,8 +77,8 @@ def vae_stage(recipe: Recipe, full: bool):
     enc = VAEV2Encoder(vae_config(r)).to(memory_format=torch.channels_last)
     dec = VAEV2Decoder(vae_config(r)).to(memory_format=torch.channels_last)
 
-    def make(fused: bool):
-        form = Form(fused, [*enc.parameters(), *dec.parameters()], r.lr, 0.0)
+    def make(kind: str):
+        form = Form(kind, [*enc.named_parameters("encoder"), *dec.named_parameters("decoder")], r.lr, 0.0)
 
         def step():
             x = to_rgba(train_scenes(rng, r.batch)[0])
@@ -89,8 +97,9 @@ def teacher_stage(recipe: Recipe, ids: PromptIds, vocab: int):
     te, tr = TextEncoder(text_encoder_config(vocab, r)), TransformerV2(transformer_config(recipe.vae.z_dim, r))
     ema = [copy.deepcopy(te).requires_grad_(False), copy.deepcopy(tr).requires_grad_(False)]
 
-    def make(fused: bool):
-        form = Form(fused, [*te.parameters(), *tr.parameters()], r.lr, 0.01, (0.9, 0.99))
+    def make(kind: str):
+        form = Form(kind, [*te.named_parameters(prefix="text_encoder"), *tr.named_parameters(prefix="transformer")],
+                    r.lr, 0.01, (0.9, 0.99))
 
         def step():
             idx, batch = ids.batch(rng, r.batch)
@@ -108,8 +117,8 @@ def student_stage(recipe: Recipe):
     sig = torch.tensor((*STUDENT_SIGMAS, 0.0))
     cos, sin = tr.rope(text.shape[1], LATENT_GRID, LATENT_GRID)
 
-    def make(fused: bool):
-        form = Form(fused, tr.parameters(), r.lr, 0.0)
+    def make(kind: str):
+        form = Form(kind, tr.named_parameters(), r.lr, 0.0)
         return lambda: form.step(_unrolled_loss(tr, text, states, sig, cos, sin))
     return make
 
@@ -131,16 +140,19 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(spec.tokenizer_dir)
     ids = PromptIds(tokenizer, spec.template, train_scenes(np.random.default_rng(0), 2048)[1])
     v = recipe.vae
-    stages = {  # name -> (factory, the recipe's step count)
-        "vae (crops)": (vae_stage(recipe, full=False), v.steps - v.full_steps),
-        "vae (whole images)": (vae_stage(recipe, full=True), v.full_steps),
-        "teacher": (teacher_stage(recipe, ids, tokenizer.get_vocab_size()), recipe.flow.steps),
-        "student (unrolled)": (student_stage(recipe), recipe.distill.steps),
+    adam = ("per-tensor", "fused")
+    teacher_form = "muon" if recipe.flow.optimizer == "muon" else "fused"
+    stages = {  # name -> (factory, the recipe's step count, forms, the recipe's form)
+        "vae (crops)": (vae_stage(recipe, full=False), v.steps - v.full_steps, adam, "fused"),
+        "vae (whole images)": (vae_stage(recipe, full=True), v.full_steps, adam, "fused"),
+        "teacher": (teacher_stage(recipe, ids, tokenizer.get_vocab_size()), recipe.flow.steps, (*adam, "muon"),
+                    teacher_form),
+        "student (unrolled)": (student_stage(recipe), recipe.distill.steps, adam, "fused"),
     }
     out = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "stages": {}}
-    total = {"per-tensor": 0.0, "fused": 0.0}
-    for name, (make, count) in stages.items():
-        steps = {form: make(form == "fused") for form in ("per-tensor", "fused")}
+    total = {"per-tensor": 0.0, "fused": 0.0, "recipe": 0.0}
+    for name, (make, count, forms, recipe_form) in stages.items():
+        steps = {form: make(form) for form in forms}
         times = {form: [] for form in steps}
         for form, step in steps.items():  # warm-up
             for _ in range(args.warmup):
@@ -154,16 +166,20 @@ def main(argv: list[str] | None = None) -> None:
         med = {form: statistics.median(t) for form, t in times.items()}
         row = {form: {"median_ms": 1000 * m, "recipe_min": m * count / 60} for form, m in med.items()}
         row["recipe_steps"] = count
+        row["recipe_form"] = recipe_form
         row["fused_vs_per_tensor"] = med["fused"] / med["per-tensor"]
         out["stages"][name] = row
-        for form in total:
+        for form in ("per-tensor", "fused"):
             total[form] += row[form]["recipe_min"]
+        total["recipe"] += row[recipe_form]["recipe_min"]
+        muon = (f"  muon {row['muon']['median_ms']:7.1f} ms ({med['muon'] / med['fused']:.3f}x fused)"
+                if "muon" in row else "")
         print(f"{name:20s} per-tensor {row['per-tensor']['median_ms']:7.1f} ms  fused {row['fused']['median_ms']:7.1f}"
-              f" ms  ({row['fused_vs_per_tensor']:.3f}x)  x {count} steps: {row['per-tensor']['recipe_min']:5.1f} ->"
-              f" {row['fused']['recipe_min']:5.1f} min", flush=True)
+              f" ms  ({row['fused_vs_per_tensor']:.3f}x){muon}  x {count} steps: {row['per-tensor']['recipe_min']:5.1f}"
+              f" -> {row[recipe_form]['recipe_min']:5.1f} min ({recipe_form}, the recipe's)", flush=True)
     out["recipe_training_min"] = total
-    print(f"{'training loops':20s} per-tensor {total['per-tensor']:.1f} min, fused {total['fused']:.1f} min "
-          f"(saves {total['per-tensor'] - total['fused']:.1f} min)")
+    print(f"{'training loops':20s} per-tensor {total['per-tensor']:.1f} min, fused {total['fused']:.1f} min, "
+          f"the recipe's forms {total['recipe']:.1f} min")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

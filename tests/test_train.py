@@ -200,6 +200,66 @@ def test_fused_optimiser_clip_and_ema_match_the_per_tensor_forms():
     torch.testing.assert_close(e_fast, e_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_teacher_optimiser_puts_the_hidden_matrices_on_muon_and_the_rest_on_adamw():
+    """``train.optim.Hybrid`` as the teacher uses it: Muon gets every hidden weight matrix and nothing else (its
+    first update of a matrix is orthogonalised: the leading singular values in Newton-Schulz's ~[0.5, 1.5] band, at
+    the scale ``match_rms_adamw`` gives, where AdamW's sign-like first step has a top singular value of ~8 there);
+    ``muon=False`` is fused AdamW + the schedule."""
+    from qwen_edge.train.flow import ADAMW_ONLY
+    from qwen_edge.train.optim import Hybrid, adamw, warmup_cosine
+
+    def model():
+        torch.manual_seed(0)
+        te = TextEncoder(text_encoder_config(50, FlowRecipe(text_layers=1)))
+        tr = TransformerV2(transformer_config(4, FlowRecipe(layers=1)))
+        return te, tr, [*te.named_parameters(prefix="text_encoder"), *tr.named_parameters(prefix="transformer")]
+
+    def loss(te, tr):
+        gen = torch.Generator().manual_seed(1)
+        text = te(torch.randint(0, 50, (2, 6), generator=gen))
+        cos, sin = tr.rope(6, 8, 8)
+        return tr(torch.randn(2, 64, 4, generator=gen), text, torch.full((2,), 0.5), cos, sin).square().mean()
+
+    te, tr, named = model()
+    opt = Hybrid(named, lr=1e-2, weight_decay=0.0, steps=10, adamw_only=ADAMW_ONLY)
+    muon = set(opt.muon_names)
+    expected = {n for n, p in named if p.ndim == 2 and not any(k in n for k in ADAMW_ONLY)}
+    assert muon == expected and "transformer.transformer_blocks.0.attn.to_q.weight" in muon
+    for left in ("text_encoder.embed_tokens.weight", "transformer.img_in.weight", "transformer.proj_out.weight",
+                 "transformer.txt_in.in_layer.weight"):
+        assert left in dict(named) and left not in muon
+    name = "transformer.transformer_blocks.0.img_mlp.proj.weight"
+    before = dict(named)[name].detach().clone()
+    opt.zero_grad()
+    loss(te, tr).backward()
+    opt.step()
+    lr = 1e-2  # steps=10: a one-step warm-up, so the first step is at the full rate
+    step = (dict(named)[name].detach() - before) / (lr * 0.2 * max(before.shape) ** 0.5)  # match_rms_adamw scale
+    sv = torch.linalg.svdvals(step)
+    assert 0.5 < float(sv[4]) and float(sv[0]) < 1.7, sv
+
+    runs = []
+    for hybrid in (True, False):
+        te, tr, named = model()
+        params = [p for _, p in named]
+        if hybrid:
+            opt = Hybrid(named, lr=1e-2, weight_decay=0.01, steps=4, adamw_only=ADAMW_ONLY, betas=(0.9, 0.99),
+                         muon=False)
+        else:
+            ref = adamw(params, lr=1e-2, weight_decay=0.01, betas=(0.9, 0.99))
+            sched = warmup_cosine(ref, 4)
+        for _ in range(3):
+            (opt if hybrid else ref).zero_grad()
+            loss(te, tr).backward()
+            if hybrid:
+                opt.step()
+            else:
+                ref.step()
+                sched.step()
+        runs.append(torch.cat([p.detach().flatten() for p in params]))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_bench_train_step_times_every_stage_in_both_forms(tmp_path):
     """``benchmarks/bench_train_step.py`` runs one step of each recipe stage per optimiser form and projects the
     recipe's minutes from the stage's step count (the figures themselves are the benchmark's, not asserted)."""
@@ -208,8 +268,11 @@ def test_bench_train_step_times_every_stage_in_both_forms(tmp_path):
     module.main(["--threads", "1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--json", str(out)])
     report = json.loads(out.read_text())
     assert set(report["stages"]) == {"vae (crops)", "vae (whole images)", "teacher", "student (unrolled)"}
-    for row in report["stages"].values():
-        for form in ("per-tensor", "fused"):
+    for name, row in report["stages"].items():
+        for form in ("per-tensor", "fused", *(("muon",) if name == "teacher" else ())):
             assert row[form]["median_ms"] > 0
             assert abs(row[form]["recipe_min"] - row[form]["median_ms"] * row["recipe_steps"] / 60000) < 1e-9
     assert report["stages"]["teacher"]["recipe_steps"] == FlowRecipe().steps
+    assert report["stages"]["teacher"]["recipe_form"] == ("muon" if FlowRecipe().optimizer == "muon" else "fused")
+    recipe = sum(row[row["recipe_form"]]["recipe_min"] for row in report["stages"].values())
+    assert abs(report["recipe_training_min"]["recipe"] - recipe) < 1e-9

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .optim import adamw, clip, ema_update, warmup_cosine
+from .optim import Hybrid, clip, ema_update
 
 from ..prompt import PromptTemplate
 from ..text_encoder import TextEncoder, TextEncoderConfig
@@ -25,6 +25,8 @@ from ..transformer_v2 import TransformerV2, TransformerV2Config
 
 LATENT_GRID = 8  # 128 px / 16
 BLANK = " "  # the unconditional prompt: the pipelines' default negative prompt
+# Weight matrices Muon leaves to AdamW: the token table, the layers that read the inputs, the output projection.
+ADAMW_ONLY = ("embed_tokens", "img_in", "txt_in.in_layer", "timestep_embedder.linear_1", "proj_out")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class FlowRecipe:
     # SD3's shift of the training sigmas, s -> k s / (1 + (k - 1) s): k > 1 trains more at high noise, where this
     # model decides shapes and counts (benchmarks/diagnose_default.py --trajectory). 1: none.
     sigma_shift: float = 3.0
+    # "muon": torch.optim.Muon on the hidden weight matrices, AdamW on the rest (train.optim.Hybrid); "adamw":
+    # AdamW on everything (until session 15).
+    optimizer: str = "adamw"
 
 
 def text_encoder_config(vocab_size: int, r: FlowRecipe) -> TextEncoderConfig:
@@ -128,8 +133,9 @@ def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_s
     _init(te, tr)
     ema = [copy.deepcopy(te).eval().requires_grad_(False), copy.deepcopy(tr).eval().requires_grad_(False)]
     params = [*te.parameters(), *tr.parameters()]
-    opt = adamw(params, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = warmup_cosine(opt, r.steps)
+    named = [*te.named_parameters(prefix="text_encoder"), *tr.named_parameters(prefix="transformer")]
+    opt = Hybrid(named, lr=r.lr, weight_decay=0.01, steps=r.steps, adamw_only=ADAMW_ONLY, betas=(0.9, 0.99),
+                 muon=r.optimizer == "muon")
     bar = tqdm(range(r.steps), desc="teacher", unit="step")
     for step in bar:
         idx, ids = prompts.batch(rng, r.batch)
@@ -137,11 +143,10 @@ def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_s
             ids = prompts.blank.expand(r.batch, -1)
         x0 = pack(latents[torch.from_numpy(idx)])  # (B, N, C)
         loss = flow_loss(te, tr, x0, ids, prompts.drop, gen, r.sigma_shift)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         clip(params)
         opt.step()
-        sched.step()
         ema_update(ema, [te, tr], min(r.ema, (1 + step) / (10 + step)))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
