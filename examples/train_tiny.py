@@ -18,10 +18,12 @@ from pathlib import Path
 
 from qwen_edge.train import Recipe, distill_default, train_default
 from qwen_edge.train.distill import DistillRecipe
+from qwen_edge.train.flow import FlowRecipe
 from qwen_edge.train.vae import VAERecipe
 
 ASSETS = Path(__file__).resolve().parents[1] / "edge" / "assets"
 VAE = VAERecipe()
+FLOW = FlowRecipe()
 DISTILL = DistillRecipe()
 
 
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                    "default 0.1)")
     p.add_argument("--sigma-shift", type=float, help="shift the teacher's training sigmas toward high noise "
                    "(SD3's k; default 3)")
+    p.add_argument("--teacher-optimizer", choices=("muon", "adamw"), help="the teacher's optimiser (muon: "
+                   "torch.optim.Muon on the hidden weight matrices, AdamW on the rest; adamw: AdamW on everything, "
+                   f"the recipe until session 15; default {FLOW.optimizer})")
     p.add_argument("--guidance", type=float, help="true-CFG scale of the teacher trajectories the student is "
                    "distilled from, and of the teacher's evaluation (1: unguided; default 3)")
     p.add_argument("--from-teacher", type=Path, metavar="DIR", help="skip VAE and teacher: distil the student "
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     trained = [f"--{k.replace('_', '-')}" for k in ("teacher_steps", "vae_steps", "vae_latent_noise", "heads",
-                                                    "cfg_dropout", "sigma_shift") if getattr(args, k) is not None]
+                                                    "cfg_dropout", "sigma_shift", "teacher_optimizer")
+               if getattr(args, k) is not None]
     if args.from_teacher and trained:
         print(f"train_tiny: error: {', '.join(trained)} shape(s) the VAE or teacher, which --from-teacher reuses",
               file=sys.stderr)
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(recipe, flow=replace(recipe.flow, cfg_dropout=args.cfg_dropout))
     if args.sigma_shift is not None:
         recipe = replace(recipe, flow=replace(recipe.flow, sigma_shift=args.sigma_shift))
+    if args.teacher_optimizer:
+        recipe = replace(recipe, flow=replace(recipe.flow, optimizer=args.teacher_optimizer))
     if args.guidance is not None:
         recipe = replace(recipe, distill=replace(recipe.distill, guidance=args.guidance))
     if args.distill_loss:
