@@ -79,9 +79,9 @@ def test_heldout_prompts_background_and_position(heldout_scores):
     assert heldout_scores["background"] >= 0.9 and heldout_scores["position"] >= 0.75
 
 
-@pytest.mark.xfail(strict=False, reason="issue 3 target not reached in the CPU budget: the shipped student scores "
-                                        "69% whole-prompt on held-out prompts (model card), the teacher 73.5%")
 def test_heldout_prompts_score_well(heldout_scores):
+    # The shipped student (session 15, Muon-trained teacher) scores 82.4% whole-prompt over 1000 held-out prompts
+    # and 85% (17 of 20) on these; the AdamW-era students (63-69%) failed this (it was an xfail until session 15).
     assert heldout_scores["ok"] >= 0.8
 
 
