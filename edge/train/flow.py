@@ -42,8 +42,8 @@ class FlowRecipe:
     # 12's 2-core Xeon (0.144 s/step; the whole recipe 63.0 min there), 50.6 min in session 13 on the same kind of
     # host (0.184 s/step with the fused optimiser: the hosts' speed moves by a third); 18,000 in sessions 7-9,
     # when the VAE took 3.6 min instead of 7.8; 10,000 until session 7 (1 thread). Session 15: 14,000 with Muon,
-    # whose step costs 1.13x AdamW's (168 vs 148 ms at 2 threads) and which reaches AdamW's held-out flow loss in
-    # about half the steps.
+    # whose step costs 1.10-1.13x AdamW's (benchmarks/bench_train_step.py) and which reaches AdamW's held-out flow
+    # loss in about half the steps (41.4 min in session 15's run of the recipe).
     steps: int = 14000
     batch: int = 32  # small batches, many steps: what a CPU budget buys the most learning with
     lr: float = 2e-3
@@ -128,6 +128,8 @@ def sample_sigma(rng: torch.Generator, n: int, shift: float = 1.0) -> torch.Tens
 def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_size: int,
                seed: int) -> tuple[TextEncoder, TransformerV2]:
     """Train text encoder + transformer on normalised latents (N, C, 8, 8); returns their EMA weights."""
+    if r.optimizer not in ("muon", "adamw"):
+        raise ValueError(f"FlowRecipe.optimizer must be 'muon' or 'adamw', got {r.optimizer!r}")
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     te = TextEncoder(text_encoder_config(vocab_size, r))
