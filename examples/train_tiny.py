@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qwen_edge.train import Recipe, distill_default, train_default
 from qwen_edge.train.distill import DistillRecipe
-from qwen_edge.train.flow import FlowRecipe
+from qwen_edge.train.flow import OPTIMIZERS, FlowRecipe
 from qwen_edge.train.vae import VAERecipe
 
 ASSETS = Path(__file__).resolve().parents[1] / "edge" / "assets"
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                    "default 0.1)")
     p.add_argument("--sigma-shift", type=float, help="shift the teacher's training sigmas toward high noise "
                    "(SD3's k; default 3)")
-    p.add_argument("--teacher-optimizer", choices=("muon", "adamw"), help="the teacher's optimiser (muon: "
+    p.add_argument("--teacher-optimizer", choices=OPTIMIZERS, help="the teacher's optimiser (muon: "
                    "torch.optim.Muon on the hidden weight matrices, AdamW on the rest; adamw: AdamW on everything, "
                    f"the recipe until session 15; default {FLOW.optimizer})")
     p.add_argument("--guidance", type=float, help="true-CFG scale of the teacher trajectories the student is "

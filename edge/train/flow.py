@@ -27,6 +27,7 @@ LATENT_GRID = 8  # 128 px / 16
 BLANK = " "  # the unconditional prompt: the pipelines' default negative prompt
 # Weight matrices Muon leaves to AdamW: the token table, the layers that read the inputs, the output projection.
 ADAMW_ONLY = ("embed_tokens", "img_in", "txt_in.in_layer", "timestep_embedder.linear_1", "proj_out")
+OPTIMIZERS = ("muon", "adamw")  # FlowRecipe.optimizer's values
 
 
 @dataclass(frozen=True)
@@ -128,16 +129,16 @@ def sample_sigma(rng: torch.Generator, n: int, shift: float = 1.0) -> torch.Tens
 def train_flow(r: FlowRecipe, latents: torch.Tensor, prompts: PromptIds, vocab_size: int,
                seed: int) -> tuple[TextEncoder, TransformerV2]:
     """Train text encoder + transformer on normalised latents (N, C, 8, 8); returns their EMA weights."""
-    if r.optimizer not in ("muon", "adamw"):
-        raise ValueError(f"FlowRecipe.optimizer must be 'muon' or 'adamw', got {r.optimizer!r}")
+    if r.optimizer not in OPTIMIZERS:
+        raise ValueError(f"FlowRecipe.optimizer must be one of {OPTIMIZERS}, got {r.optimizer!r}")
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     te = TextEncoder(text_encoder_config(vocab_size, r))
     tr = TransformerV2(transformer_config(latents.shape[1], r))
     _init(te, tr)
     ema = [copy.deepcopy(te).eval().requires_grad_(False), copy.deepcopy(tr).eval().requires_grad_(False)]
-    params = [*te.parameters(), *tr.parameters()]
     named = [*te.named_parameters(prefix="text_encoder"), *tr.named_parameters(prefix="transformer")]
+    params = [p for _, p in named]
     opt = Hybrid(named, lr=r.lr, weight_decay=0.01, steps=r.steps, adamw_only=ADAMW_ONLY, betas=(0.9, 0.99),
                  muon=r.optimizer == "muon")
     bar = tqdm(range(r.steps), desc="teacher", unit="step")
