@@ -2,7 +2,7 @@
 
     python benchmarks/bench_default.py [--prompts 50] [--runs 5] [--threads N] [--work DIR] [--json FILE] [--fresh]
                                        [--recipes fp32,fp16,int8,w8a32,int4,mixed,w8a16] [--text-len 32]
-                                       [--model DIR] [--sizes-only]
+                                       [--model DIR] [--sizes-only] [--int4-block 32|64|128]
 
 1. Exports the embedded default (``edge/assets/default``, 128x128, 4 steps) to a bundle per recipe with
    ``qwen_edge.export.onnx.export_bundle``: fp32, fp16, int8, w8a32, int4, mixed and w8a16 (``--target qnn``, the QNN
@@ -72,9 +72,11 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: Path | None = None) -> dict[str, dict]:
+def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: Path | None = None,
+               int4_block: int | None = None) -> dict[str, dict]:
     """{recipe: {"bundle": Path | None, "target", "export_s", "error"/"note"}}, exporting what the cache lacks
-    (everything with ``fresh``) from ``model`` (None: the embedded default). A w8a16 bundle that fell back to
+    (everything with ``fresh``) from ``model`` (None: the embedded default); ``int4_block``: the int4 bundle's
+    ``--block-size`` (None: the exporter's per-weight default). A w8a16 bundle that fell back to
     ``--target onnx`` is not reused: the QNN export is tried again, in case the HTP backend (or qwen-edge) now
     runs every graph."""
     from qwen_edge.export.onnx import world_calibration
@@ -85,7 +87,9 @@ def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: P
     for recipe in tqdm(recipes, desc="bundles", unit="recipe", file=sys.stderr):
         # the exporter's own default prompts for the embedded default on this recipe's target: every background
         calibration = list(world_calibration("qnn" if recipe == "w8a16" else "onnx"))
-        key = {"model": model_key, "text_len": text_len, "steps": 4, "prompts": calibration}
+        block = int4_block if recipe == "int4" else None
+        key = {"model": model_key, "text_len": text_len, "steps": 4, "prompts": calibration,
+               **({"block_size": block} if block else {})}
         stamp = work / f"{recipe}.json"
         cached = json.loads(stamp.read_text()) if stamp.is_file() else None
         fallback = recipe == "w8a16" and (cached or {}).get("target") != "qnn"
@@ -93,13 +97,14 @@ def export_all(work: Path, recipes, text_len: int, fresh: bool = False, model: P
                 and Path(cached["bundle"]).is_dir()):
             out[recipe] = {**cached, "bundle": cached["bundle"] and Path(cached["bundle"])}
             continue
-        out[recipe] = _export(work, recipe, text_len, calibration, model)
+        out[recipe] = _export(work, recipe, text_len, calibration, model, block)
         stamp.write_text(json.dumps({**out[recipe], "key": key,
                                      "bundle": out[recipe]["bundle"] and str(out[recipe]["bundle"])}))
     return out
 
 
-def _export(work: Path, recipe: str, text_len: int, calibration, model: Path | None = None) -> dict:
+def _export(work: Path, recipe: str, text_len: int, calibration, model: Path | None = None,
+            block_size: int | None = None) -> dict:
     """Export one recipe as ``qwen-edge export`` does. A bundle that misses the exporter's parity gates is
     exported again with the gates off, so its figures can still be measured (and the miss is noted); w8a16 is
     exported for ``--target onnx`` when the QNN HTP check refuses a graph."""
@@ -111,7 +116,7 @@ def _export(work: Path, recipe: str, text_len: int, calibration, model: Path | N
         start = time.perf_counter()
         try:
             export_bundle(work / recipe, model, target=target, quant=recipe, text_len=text_len, steps=4,
-                          prompts=calibration, log=lambda m: log(f"{recipe}: {m}"), **gates)
+                          prompts=calibration, block_size=block_size, log=lambda m: log(f"{recipe}: {m}"), **gates)
             return {"bundle": work / recipe, "target": target, "export_s": round(time.perf_counter() - start, 1),
                     "note": "; ".join(notes) or None, "error": None}
         except NumericalError as e:
@@ -377,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write every figure here")
     ap.add_argument("--model", type=Path, help="export another checkpoint (sizes only; default: the embedded one)")
     ap.add_argument("--sizes-only", action="store_true", help="export and print bundle sizes, nothing else")
+    ap.add_argument("--int4-block", type=int, choices=(32, 64, 128),
+                    help="the int4 bundle's --block-size (default: the exporter's, per weight)")
     args = ap.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     start, load_before = time.perf_counter(), machine()["load_average_1min"]
 
-    bundles = export_all(work, recipes, args.text_len, args.fresh, args.model)
+    bundles = export_all(work, recipes, args.text_len, args.fresh, args.model, args.int4_block)
     sizes = {r: bundle_sizes(bundle_mod.load(f["bundle"])) for r, f in bundles.items() if f["bundle"] is not None}
     if args.sizes_only:
         return _print_sizes(args.model, bundles, sizes, args.json)
