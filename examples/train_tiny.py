@@ -2,7 +2,7 @@
 
     python examples/train_tiny.py                 # writes edge/assets/default and edge/assets/teacher
     python examples/train_tiny.py --out /tmp/assets --smoke   # a minutes-long run of the same code
-    python examples/train_tiny.py --from-teacher edge/assets/teacher   # only the distillation (~10 minutes)
+    python examples/train_tiny.py --from-teacher edge/assets/teacher   # only the distillation (~12-15 minutes)
 
 CPU only, seeded, progress bars on stderr; about an hour on 2 cores. The model cards (README.md in each
 checkpoint) get the measured numbers.
