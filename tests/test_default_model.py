@@ -82,8 +82,9 @@ def test_heldout_prompts_background_and_position(heldout_scores):
 
 
 def test_heldout_prompts_score_well(heldout_scores):
-    # The shipped student (session 16) scores 85.2% whole-prompt over 1000 held-out prompts and 88% on these 100
-    # (session 15's: 82.4% over 1000); the AdamW-era students (63-69%) failed this (an xfail until session 15).
+    # The shipped student (session 17) scores 86.4% whole-prompt over 1000 held-out prompts and 86% on these 100
+    # (session 16's: 85.2% and 88%; session 15's: 82.4% over 1000); the AdamW-era students (63-69%) failed this (an
+    # xfail until session 15).
     assert heldout_scores["ok"] >= 0.8
 
 
